@@ -1,0 +1,1 @@
+"""Backends that run IST inside a distributed training stack (DeepSpeed, FSDP2)."""

@@ -1,0 +1,215 @@
+"""IST on DeepSpeed: ``ist_ds.initialize`` is ``deepspeed.initialize`` plus an ``ist`` config block.
+
+What it does around ``deepspeed.initialize``:
+
+1. reads the ``ist`` block out of the DeepSpeed config and validates it against the model's layer
+   count before anything starts (DeepSpeed never sees the block);
+2. regroups the optimizer's parameters into one param group per transformer layer, tagged with the
+   layer index (DeepSpeed keeps extra keys in group dicts), keeping the caller's group options;
+3. after DeepSpeed built its engine, wraps the *basic* optimizer (``engine.basic_optimizer``: the
+   torch or DeepSpeed optimizer that ZeRO, the bf16 optimizer or plain stage 0 call) with an
+   :class:`~ist_ds.optimizer_gate.OptimizerGate`, so unselected layers' groups are not stepped;
+4. wraps ``engine.step`` so that after each real optimizer step (``engine.global_steps`` moved;
+   micro-steps of gradient accumulation do nothing) the controller runs the importance update,
+   draws the next selection, sets ``requires_grad`` for it and moves optimizer state;
+5. wraps ``save_checkpoint`` / ``load_checkpoint`` so the IST state travels in DeepSpeed's client
+   state, with offloaded optimizer state put back into the optimizer for the save.
+
+The caller's loop (``loss = engine(**batch).loss; engine.backward(loss); engine.step()``) is
+unchanged. See docs/deepspeed.md for the DeepSpeed internals this relies on.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import torch
+
+from ist_ds.collectives import default_collectives
+from ist_ds.controller import ISTController
+from ist_ds.core import ISTConfig
+from ist_ds.errors import ISTConfigError
+from ist_ds.layers import LayerMap, discover_layers
+from ist_ds.optimizer_gate import LAYER_KEY
+from ist_ds.param_groups import layer_param_groups
+from ist_ds.trainer import build_controller
+
+logger = logging.getLogger(__name__)
+
+
+def read_ds_config(config: str | dict | None) -> dict:
+    """A DeepSpeed config as a fresh dict, from a dict or a JSON file path."""
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            with open(config) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise ISTConfigError(f"DeepSpeed config file not found: {config}") from None
+        except json.JSONDecodeError as e:
+            raise ISTConfigError(f"DeepSpeed config {config} is not valid JSON: {e}") from None
+    raise ISTConfigError(f"the DeepSpeed config must be a dict or a JSON path, got {type(config).__name__}")
+
+
+def split_ist_block(ds_config: dict) -> tuple[ISTConfig, dict]:
+    """Validate and remove the ``ist`` block; returns (IST config, DeepSpeed config without it)."""
+    ds_config = dict(ds_config)
+    block = ds_config.pop("ist", None)
+    return ISTConfig.from_dict(block), ds_config
+
+
+class DeepSpeedIST:
+    """The IST state of a DeepSpeed engine, exposed as ``engine.ist``."""
+
+    def __init__(self, engine, controller: ISTController) -> None:
+        self.engine = engine
+        self.controller = controller
+        self.config = controller.config
+        self.layer_map = controller.layer_map
+
+    @property
+    def selected_layers(self) -> list[int]:
+        """Sorted layers whose PEFT parameters train in the current optimizer step."""
+        return self.controller.selected_layers
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Importance scores (reference sign: higher means less important)."""
+        return self.controller.scores
+
+    @property
+    def step(self) -> int:
+        return self.controller.step
+
+    @property
+    def selection_counts(self) -> list[int]:
+        return list(self.controller.selection_counts)
+
+    def memory_report(self) -> dict:
+        """Per-rank bytes: optimizer state by location and the trainable parameters of this step."""
+        return self.controller.memory_report()
+
+    def state_dict(self) -> dict:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.controller.load_state_dict(state)
+
+    # ------------------------------------------------------------------ engine wrappers
+    def _install(self) -> None:
+        engine = self.engine
+        step, save, load = engine.step, engine.save_checkpoint, engine.load_checkpoint
+
+        @functools.wraps(step)
+        def ist_step(*args, **kwargs):
+            before = engine.global_steps
+            out = step(*args, **kwargs)
+            if engine.global_steps != before:
+                self.controller.after_optimizer_step()
+            return out
+
+        @functools.wraps(save)
+        def ist_save_checkpoint(save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
+            client_state = dict(client_state or {})
+            client_state["ist"] = self.controller.state_dict()
+            gate = self.controller.gate
+            gate.store.restore_all(gate.optimizer.state)  # DeepSpeed saves what the optimizer holds
+            try:
+                return save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kwargs)
+            finally:
+                gate.select(self.controller.selected)
+
+        @functools.wraps(load)
+        def ist_load_checkpoint(load_dir, tag=None, **kwargs):
+            load_path, client_state = load(load_dir, tag=tag, **kwargs)
+            if load_path is not None:
+                if client_state and "ist" in client_state:
+                    self.controller.load_state_dict(client_state["ist"])
+                else:
+                    logger.warning("checkpoint %s holds no IST state; IST starts afresh", load_path)
+                    self.controller.gate.select(self.controller.selected)
+            return load_path, client_state
+
+        engine.step = ist_step
+        engine.save_checkpoint = ist_save_checkpoint
+        engine.load_checkpoint = ist_load_checkpoint
+
+
+def _regroup_optimizer(optimizer, layer_map: LayerMap):
+    """Rebuild a client optimizer with one param group per layer (same class, same defaults)."""
+    if optimizer.state:
+        raise ISTConfigError("pass ist_ds.initialize an optimizer that has not stepped yet "
+                             "(its state cannot be carried into the per-layer param groups)")
+    groups = layer_param_groups(layer_map, optimizer.param_groups)
+    logger.info("rebuilding %s with %d per-layer param groups", type(optimizer).__name__, len(groups))
+    return type(optimizer)(groups, **optimizer.defaults)
+
+
+def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer=None, model_parameters=None,
+               training_data=None, lr_scheduler=None, distributed_port: int | None = None, mpu=None,
+               dist_init_required: bool | None = None, collate_fn: Callable | None = None,
+               config: str | dict | None = None, mesh_param=None, config_params: str | dict | None = None,
+               *, scoring_data=None, scoring_collate_fn: Callable | None = None):
+    """``deepspeed.initialize`` with IST; same arguments, same returned tuple.
+
+    The IST settings come from the ``ist`` block of the DeepSpeed config. ``scoring_data`` (a map-style
+    dataset) feeds the importance update, by default ``training_data``; ``scoring_collate_fn`` by
+    default ``collate_fn``. The returned engine carries :class:`DeepSpeedIST` as ``engine.ist``.
+    """
+    import deepspeed
+
+    from_args = config is None and config_params is None and getattr(args, "deepspeed_config", None)
+    raw = from_args or (config if config is not None else config_params)
+    ist_config, ds_config = split_ist_block(read_ds_config(raw))
+    if from_args:  # DeepSpeed refuses a config both in args and as an argument
+        args = copy.copy(args)
+        args.deepspeed_config = None
+
+    ds_kwargs = dict(args=args, model=model, lr_scheduler=lr_scheduler, mpu=mpu,
+                     dist_init_required=dist_init_required, collate_fn=collate_fn,
+                     training_data=training_data, config=ds_config, mesh_param=mesh_param)
+    if distributed_port is not None:
+        ds_kwargs["distributed_port"] = distributed_port
+    if not ist_config.enabled:
+        return deepspeed.initialize(optimizer=optimizer, model_parameters=model_parameters, **ds_kwargs)
+
+    if model is None:
+        raise ISTConfigError("ist_ds.initialize needs the model")
+    layer_map = discover_layers(model, ist_config.blocks_path)
+    ist_config.resolve(layer_map.num_layers)
+    scoring_dataset = scoring_data if scoring_data is not None else training_data
+    if ist_config.strategy == "ist" and scoring_dataset is None:
+        raise ISTConfigError("strategy 'ist' needs scoring data: pass scoring_data= (or training_data=)")
+    if optimizer is None and "optimizer" not in ds_config:
+        raise ISTConfigError("IST needs an optimizer: pass optimizer= or name one in the DeepSpeed config")
+
+    groups = layer_param_groups(layer_map, model_parameters)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = _regroup_optimizer(optimizer, layer_map)
+    engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
+        optimizer=optimizer, model_parameters=groups, **ds_kwargs)
+
+    inner = engine.basic_optimizer
+    if inner is None or not any(LAYER_KEY in g for g in inner.param_groups):
+        raise RuntimeError("DeepSpeed did not keep IST's per-layer param groups; this DeepSpeed version "
+                           f"({deepspeed.__version__}) is not supported")
+    collectives = default_collectives()
+    controller = build_controller(
+        engine.module, ist_config, inner, layer_map, scoring_dataset,
+        scoring_collate_fn or collate_fn, engine.device, collectives, rank=collectives.rank)
+    hook = DeepSpeedIST(engine, controller)
+    hook._install()
+    engine.ist = hook
+    controller.start()
+    logger.info("IST on DeepSpeed (ZeRO stage %d): %d layers, %d trained per step, strategy %s, optimizer state %s",
+                engine.zero_optimization_stage(), layer_map.num_layers, controller.importance.num_train,
+                ist_config.strategy, ist_config.optimizer_state)
+    return engine, ds_optimizer, dataloader, scheduler

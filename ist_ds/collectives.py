@@ -1,0 +1,92 @@
+"""The few collectives IST needs, behind one small interface.
+
+The algorithm only ever (a) sums a small tensor of loss sums and token counts across data-parallel
+ranks and (b) checks that every rank holds the same IST state. :class:`LocalCollectives` is the
+single-process identity; :class:`TorchCollectives` uses ``torch.distributed`` (gloo, NCCL, or
+whatever DeepSpeed / FSDP initialised).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import torch
+
+from ist_ds.errors import ISTAgreementError
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(*parts) -> int:
+    """A signed 63-bit hash of tensors, numbers and lists, identical for identical inputs on any rank."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        if torch.is_tensor(part):
+            h.update(part.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(repr(part).encode())
+        h.update(b"|")
+    return int.from_bytes(h.digest(), "little", signed=True) >> 1
+
+
+class LocalCollectives:
+    """One process: sums are identities and agreement is trivial."""
+
+    rank = 0
+    world_size = 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def check_agreement(self, value: int, describe: str = "") -> None:
+        return None
+
+
+class TorchCollectives(LocalCollectives):
+    """``torch.distributed`` collectives over ``group`` (the default group when None)."""
+
+    def __init__(self, group=None) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        backend = dist.get_backend(group)
+        # NCCL reduces device tensors only; every other backend here takes host tensors.
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        buf = tensor.to(self.device)
+        self._dist.all_reduce(buf, op=self._dist.ReduceOp.SUM, group=self.group)
+        return buf.to(tensor.device)
+
+    def check_agreement(self, value: int, describe: str = "") -> None:
+        """Raise :class:`ISTAgreementError` on every rank unless all ranks passed the same ``value``.
+
+        One all-reduce of two int64 (MAX of ``v`` and of ``-v``); only on a mismatch are the
+        per-rank descriptions gathered, to name the ranks that differ.
+        """
+        dist = self._dist
+        buf = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
+        if int(buf[0]) == -int(buf[1]):
+            return
+        described: list = [None] * self.world_size
+        dist.all_gather_object(described, (value, describe), group=self.group)
+        lines = "\n".join(f"  rank {r}: {d}" for r, (_, d) in enumerate(described))
+        raise ISTAgreementError(
+            "IST state differs across ranks; every rank must train the same layers with the same "
+            "scores. Check that all ranks use the same 'ist' config and seed, and the same "
+            f"model and data.\n{lines}"
+        )
+
+
+def default_collectives() -> LocalCollectives:
+    """TorchCollectives when a process group with several ranks exists, else LocalCollectives."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return TorchCollectives()
+    return LocalCollectives()

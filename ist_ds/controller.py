@@ -1,0 +1,161 @@
+"""The IST loop, independent of the backend that runs the model.
+
+The controller owns the state IST adds to training (scores, the selection generator, the step
+counter, the current selection, per-layer selection counts, the scoring stream's position) and does
+the work that happens between two optimizer steps:
+
+1. every ``update_interval`` steps (not at step 0) the importance update, through a scorer;
+2. draw the layers of the next step and make them, and only them, require grad;
+3. tell the optimizer gate, which moves optimizer state and hides unselected groups from the step;
+4. check, with one tiny all-reduce, that every rank holds the same state.
+
+Backends (single process, DeepSpeed, FSDP2) build the pieces and call :meth:`start` once and
+:meth:`after_optimizer_step` after every real optimizer step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ist_ds.collectives import LocalCollectives, fingerprint
+from ist_ds.core import ISTConfig, ImportanceState, sample_uniform_layers
+from ist_ds.errors import ISTCheckpointError
+from ist_ds.layers import LayerMap, set_trainable
+from ist_ds.optimizer_gate import OptimizerGate
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class ISTController:
+    """Selection, importance updates and agreement for one training run."""
+
+    def __init__(self, config: ISTConfig, layer_map: LayerMap, gate: OptimizerGate | None = None,
+                 scorer=None, collectives=None) -> None:
+        self.config = config
+        self.layer_map = layer_map
+        self.gate = gate
+        self.scorer = scorer
+        self.comm = collectives or LocalCollectives()
+        self.num_layers = layer_map.num_layers
+        self.importance = ImportanceState(self.num_layers, config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.selected: list[int] = []
+        self.selection_counts = [0] * self.num_layers
+        self.last_update_seconds = 0.0
+        self.last_suppression_sets: list[list[int]] = []
+        self.last_losses: list[float] = []
+        if config.strategy == "ist" and scorer is None:
+            raise ValueError("strategy 'ist' needs a scorer (scoring data) for the importance update")
+
+    # ------------------------------------------------------------------ public view
+    @property
+    def scores(self) -> torch.Tensor:
+        """Importance scores, reference sign: higher means less important."""
+        return self.importance.scores
+
+    @property
+    def selected_layers(self) -> list[int]:
+        return list(self.selected)
+
+    # ------------------------------------------------------------------ the loop
+    def start(self) -> list[int]:
+        """Select the layers of the first (or, after a resume, the current) step."""
+        if not self.selected:
+            self._select()
+        else:
+            self._apply(self.selected)
+        self._check()
+        return self.selected
+
+    def after_optimizer_step(self) -> list[int]:
+        """Advance past one optimizer step; returns the layers of the next one."""
+        self.step += 1
+        if (self.config.strategy == "ist" and self.step % self.config.update_interval == 0):
+            self.update_importance()
+        self._select()
+        self._check()
+        return self.selected
+
+    def update_importance(self) -> None:
+        start = time.perf_counter()
+        sets = self.importance.sample_suppression_sets(self.generator)
+        losses = self.scorer.losses(sets)
+        self.importance.update(sets, losses)
+        self.last_suppression_sets, self.last_losses = sets, losses
+        self.last_update_seconds = time.perf_counter() - start
+        logger.debug("step %d: importance update, losses %s, scores %s", self.step, losses, self.scores.tolist())
+
+    def _select(self) -> None:
+        strategy = self.config.strategy
+        if strategy == "ist":
+            selected = self.importance.sample_train_layers(self.generator)
+        elif strategy == "rst":
+            selected = sample_uniform_layers(self.num_layers, self.importance.num_train, self.generator)
+        else:
+            selected = list(range(self.num_layers))
+        for i in selected:
+            self.selection_counts[i] += 1
+        self._apply(selected)
+
+    def _apply(self, selected: list[int]) -> None:
+        self.selected = list(selected)
+        set_trainable(self.layer_map, self.selected)
+        if self.gate is not None:
+            self.gate.select(self.selected)
+
+    def _check(self) -> None:
+        interval = self.config.agreement_check_interval
+        if interval and self.step % interval == 0:
+            self.comm.check_agreement(self.fingerprint(),
+                                      f"step {self.step}, selected {self.selected}, scores {self.scores.tolist()}")
+
+    def fingerprint(self) -> int:
+        return fingerprint(self.step, self.selected, self.scores, self.generator.get_state())
+
+    # ------------------------------------------------------------------ reporting
+    def memory_report(self) -> dict:
+        """Per-rank bytes: optimizer state by location, and parameters that train (with gradients) now."""
+        trainable = self.layer_map.parameters_of(self.selected) + [p for _, p in self.layer_map.outside_params]
+        param_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in trainable)
+        report = {"trainable_param_bytes": param_bytes, "selected_layers": list(self.selected)}
+        if self.gate is not None:
+            report["optimizer_state_bytes"] = self.gate.state_bytes()
+        return report
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "num_layers": self.num_layers,
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "importance": self.importance.state_dict(),
+            "generator": self.generator.get_state(),
+            "selected": list(self.selected),
+            "selection_counts": list(self.selection_counts),
+            "scoring": self.scorer.state_dict() if self.scorer is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a saved IST state and re-apply its selection (requires_grad and optimizer state)."""
+        if int(state.get("version", -1)) != STATE_VERSION:
+            raise ISTCheckpointError(f"unsupported IST state version {state.get('version')!r}")
+        if int(state["num_layers"]) != self.num_layers:
+            raise ISTCheckpointError(
+                f"the checkpoint was written for a model with {state['num_layers']} IST layers, "
+                f"this model has {self.num_layers}"
+            )
+        self.importance.load_state_dict(state["importance"])
+        self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8))
+        self.step = int(state["step"])
+        self.selection_counts = [int(c) for c in state["selection_counts"]]
+        if self.scorer is not None and state.get("scoring") is not None:
+            self.scorer.load_state_dict(state["scoring"])
+        self._apply([int(i) for i in state["selected"]])
+        self._check()

@@ -1,0 +1,103 @@
+"""The embedded default task: a small multiple-choice set generated in code.
+
+Why: the default job must run on a fresh machine with no dataset files and no network, yet exercise
+the same path as the real commonsense tasks (LLM-Adapters records, "answer1..answer4" labels,
+"the correct answer is answerN" outputs). So the task is produced by a seeded generator, not
+shipped as a file, and is deliberately easy: four question families a ~100k-parameter byte-level
+model can start to solve within a few hundred steps (picking the largest / smallest digit, adding
+two small numbers, finding the option that matches a word), far from the 25% chance level.
+
+Records are short: the instruction is at most ~75 bytes, so with the ~140-byte prompt template,
+the 29-byte output, BOS and EOS, every example fits in the default ``cutoff_len=256`` byte tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+from ist_ds.errors import ISTDataError
+
+EMBEDDED_TASK_NAME = "embedded"
+NUM_OPTIONS = 4
+MAX_EMBEDDED_RECORDS = 16_000
+"""Upper bound on num_train + num_test: each family has a few thousand distinct questions (the
+digit families 10*9*8*7 = 5040), and train/test must not share a question."""
+
+_WORDS = ("cat", "dog", "sun", "red", "cup", "box", "pen", "hat", "map", "egg", "owl", "fox")
+
+Question = tuple[str, list[str], int]  # (question text, option strings, index of the correct option)
+
+
+def _largest(rng: random.Random) -> Question:
+    digits = rng.sample(range(10), NUM_OPTIONS)
+    return "Which number is largest?", [str(d) for d in digits], digits.index(max(digits))
+
+
+def _smallest(rng: random.Random) -> Question:
+    digits = rng.sample(range(10), NUM_OPTIONS)
+    return "Which number is smallest?", [str(d) for d in digits], digits.index(min(digits))
+
+
+def _sum(rng: random.Random) -> Question:
+    a, b = rng.randrange(5), rng.randrange(5)
+    distractors = rng.sample([v for v in range(10) if v != a + b], NUM_OPTIONS - 1)
+    correct = rng.randrange(NUM_OPTIONS)
+    options = distractors[:correct] + [a + b] + distractors[correct:]
+    return f"What is {a} + {b}?", [str(v) for v in options], correct
+
+
+def _word(rng: random.Random) -> Question:
+    words = rng.sample(_WORDS, NUM_OPTIONS)
+    correct = rng.randrange(NUM_OPTIONS)
+    return f"Which option says {words[correct]}?", list(words), correct
+
+
+_FAMILIES: tuple[Callable[[random.Random], Question], ...] = (_largest, _smallest, _sum, _word)
+
+
+def _to_record(question: Question) -> dict[str, str]:
+    text, options, correct = question
+    listed = " ".join(f"Answer{i + 1}: {opt}" for i, opt in enumerate(options))
+    label = f"answer{correct + 1}"
+    return {
+        "instruction": f"{text} {listed}",
+        "input": "",
+        "output": f"the correct answer is {label}",
+        "answer": label,
+    }
+
+
+def embedded_records(num_train: int = 2000, num_test: int = 200, seed: int = 0) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Generate ``(train, test)`` records of the embedded task, deterministically from ``seed``.
+
+    The families alternate, so both splits are balanced across them; no instruction appears twice,
+    so test questions are unseen in training. Same arguments, same records, on any machine (only
+    :class:`random.Random` with an integer seed is used).
+    """
+    if num_train < 1 or num_test < 0:
+        raise ISTDataError(f"embedded task needs num_train >= 1 and num_test >= 0, got {num_train} and {num_test}")
+    total = num_train + num_test
+    if total > MAX_EMBEDDED_RECORDS:
+        raise ISTDataError(
+            f"embedded task has at most {MAX_EMBEDDED_RECORDS} distinct records; "
+            f"asked for {num_train} + {num_test} = {total}"
+        )
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    records: list[dict[str, str]] = []
+    while len(records) < total:
+        family = _FAMILIES[len(records) % len(_FAMILIES)]
+        for _ in range(100_000):
+            record = _to_record(family(rng))
+            if record["instruction"] not in seen:
+                break
+        else:  # pragma: no cover - unreachable under MAX_EMBEDDED_RECORDS
+            raise ISTDataError(f"embedded task: could not find a new {family.__name__.strip('_')} question")
+        seen.add(record["instruction"])
+        records.append(record)
+    # Shuffle within each split so batches drawn in file order still mix the families.
+    train, test = records[:num_train], records[num_train:]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test
