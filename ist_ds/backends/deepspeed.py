@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import json
 import logging
 import os
@@ -150,7 +151,9 @@ def _regroup_optimizer(optimizer, layer_map: LayerMap):
                              "(its state cannot be carried into the per-layer param groups)")
     groups = layer_param_groups(layer_map, optimizer.param_groups)
     logger.info("rebuilding %s with %d per-layer param groups", type(optimizer).__name__, len(groups))
-    return type(optimizer)(groups, **optimizer.defaults)
+    # Each group carries the caller's options; the constructor gets the defaults it accepts.
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    return type(optimizer)(groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
 
 
 def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer=None, model_parameters=None,
