@@ -1,0 +1,185 @@
+"""Shared pieces of the benchmarks: the model, synthetic data, DeepSpeed configs, a 2-rank launcher.
+
+The benchmark model is a random-initialised Llama (8 blocks, hidden 256, intermediate 688, 4 heads,
+byte vocabulary of 259) with LoRA r=32, alpha=64 on q, k, v, up, down (the IST paper's recipe,
+scaled down). The intermediate size keeps Llama-7B's ratio (11008 / 4096); the byte vocabulary keeps
+the logits a small share of the activations, as they are in a 7B model.
+
+Ranks are forked from the parent (which has already imported torch, DeepSpeed, transformers and
+peft), each with the usual launcher variables (loopback master, a free port, ``OMP_NUM_THREADS=1``).
+The parent never joins a process group; it collects what each rank returns and prints the tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import statistics
+import sys
+import traceback
+import warnings
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+MODEL = dict(num_hidden_layers=8, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+             num_key_value_heads=4)
+LORA = dict(r=32, alpha=64, dropout=0.0)
+SEQ = 256
+
+
+def quiet() -> None:
+    """Silence DeepSpeed's and transformers' per-step logging inside the ranks."""
+    warnings.filterwarnings("ignore")
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "ist_ds"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.ERROR)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def make_model(seed: int = 0, **overrides):
+    from ist_ds.models import apply_peft, build_model
+
+    model = build_model("llama", seed=seed, **{**MODEL, **overrides})
+    return apply_peft(model, "lora", **LORA)
+
+
+def make_data(n: int = 64, seq: int = SEQ, seed: int = 1) -> list[dict]:
+    """Random byte sequences with labels = inputs (the model is random, so content does not matter)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, 256, (seq,), generator=g)
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": ids.clone()})
+    return rows
+
+
+def collate(rows: list[dict]) -> dict:
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def rank_batch(data: list[dict], step: int, rank: int, world: int, micro: int) -> dict:
+    """This rank's micro-batch of global step ``step`` (contiguous shards of a sliding window)."""
+    glob = micro * world
+    start = (step * glob) % (len(data) - glob + 1)
+    return collate(data[start + rank * micro:start + (rank + 1) * micro])
+
+
+def ds_config(stage: int, micro: int, ist: dict | None, lr: float = 2e-4, weight_decay: float = 0.0) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True}},
+        "steps_per_print": 1_000_000,
+        "wall_clock_breakdown": False,
+    }
+    if ist is not None:
+        cfg["ist"] = ist
+    return cfg
+
+
+def trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
+    seen = {}
+    for t in tensors:
+        if torch.is_tensor(t) and t.numel():
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+# ---------------------------------------------------------------------- forked ranks
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, rank, world, port, queue, args):
+    os.environ.update({
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world), "LOCAL_SIZE": str(world),
+        "OMP_NUM_THREADS": "1",
+    })
+    torch.set_num_threads(1)
+    quiet()
+    try:
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
+    except BaseException:  # noqa: BLE001 - re-raised in the parent with the rank
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 1200) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` forked CPU ranks; the results by rank."""
+    import deepspeed  # noqa: F401  (imported once in the parent, inherited by the forks)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, queue, args), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    try:
+        for _ in procs:
+            rank, status, value = queue.get(timeout=timeout)
+            if status == "error":
+                errors.append(f"rank {rank} failed:\n{value}")
+                break
+            results[rank] = pickle.loads(value)
+    finally:
+        for p in procs:
+            p.join(timeout=10 if not errors else 1)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world)]
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table (also readable on a terminal)."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.2f}"

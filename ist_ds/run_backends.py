@@ -1,0 +1,146 @@
+"""The three ways a job can train: DeepSpeed, FSDP2, or one plain PyTorch process.
+
+Each adapter offers the same small surface to the job loop in :mod:`ist_ds.runner`: ``model`` (the
+module to run forwards on), ``train_step(micro_batches) -> loss``, ``lr()``, ``ist`` (the
+controller, or None when IST is off), ``save_checkpoint(dir)``/``load_checkpoint(dir)`` and
+``adapter_state()`` (the full PEFT weights, on rank 0, for ``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ist_ds.errors import ISTConfigError
+from ist_ds.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+def deepspeed_config(recipe: Recipe, world_size: int, total_steps: int, on_cpu: bool) -> dict:
+    """The DeepSpeed config of a job: the user's file (if any) completed from the recipe.
+
+    Values the user's file sets win; a scalar it sets differently from the recipe is an error (one
+    job, one batch size), except DeepSpeed's ``"auto"``, which is filled in.
+    """
+    from ist_ds.backends.deepspeed import read_ds_config
+
+    t = recipe.training
+    if t.global_batch_size % (t.micro_batch_size * world_size):
+        raise ISTConfigError(
+            f"training.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size="
+            f"{t.micro_batch_size} x world size {world_size}; choose a global batch that is a multiple of "
+            f"{t.micro_batch_size * world_size}")
+    grad_acc = t.global_batch_size // (t.micro_batch_size * world_size)
+    user = read_ds_config(recipe.backend.deepspeed_config)
+    if "ist" in user and user["ist"] != recipe.ist.to_dict() and recipe.ist != type(recipe.ist)():
+        raise ISTConfigError("both the recipe and its DeepSpeed config carry an 'ist' block; keep one")
+    optimizer_params = {"lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8}
+    if on_cpu and not recipe.backend.offload_optimizer:
+        optimizer_params["torch_adam"] = True  # FusedAdam needs CUDA
+    filled = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_acc,
+        "train_batch_size": t.global_batch_size,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+        "steps_per_print": 10 ** 9,
+        "zero_optimization": {"stage": recipe.backend.zero_stage},
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": t.warmup_steps,
+            "warmup_type": "linear", "total_num_steps": max(total_steps, t.warmup_steps + 1)}},
+    }
+    if recipe.backend.offload_optimizer:
+        filled["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if recipe.model.dtype == "bfloat16":
+        filled["bf16"] = {"enabled": True}
+    config = dict(user)
+    for key, value in filled.items():
+        if key not in config or config[key] == "auto":
+            config[key] = value
+        elif not isinstance(value, dict) and key != "steps_per_print" and config[key] != value:
+            raise ISTConfigError(f"the DeepSpeed config sets {key}={config[key]!r} but the recipe implies "
+                                 f"{value!r}; change one of them")
+    config.setdefault("ist", recipe.ist.to_dict())
+    return config
+
+
+class DeepSpeedRun:
+    def __init__(self, recipe: Recipe, model, train_dataset, collate, world_size: int, total_steps: int,
+                 on_cpu: bool) -> None:
+        import ist_ds
+
+        self.config = deepspeed_config(recipe, world_size, total_steps, on_cpu)
+        self.engine, _, _, _ = ist_ds.initialize(model=model, config=self.config, scoring_data=train_dataset,
+                                                 collate_fn=collate)
+        self.model = self.engine.module
+        self.device = self.engine.device
+        self.ist = getattr(self.engine, "ist", None)
+        self.ist = self.ist.controller if self.ist is not None else None
+        self.stage = self.engine.zero_optimization_stage()
+
+    def train_step(self, micro_batches: list[dict]) -> float:
+        total = 0.0
+        for mb in micro_batches:
+            loss = self.engine(**{k: v.to(self.device) for k, v in mb.items()}).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            total += float(loss.detach())
+        return total / len(micro_batches)
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        self.engine.save_checkpoint(directory, tag=tag)
+
+    def load_checkpoint(self, directory: str) -> bool:
+        path, _ = self.engine.load_checkpoint(directory)
+        return path is not None
+
+    def adapter_state(self) -> dict | None:
+        """Full PEFT weights on rank 0 (gathered from ZeRO-3 partitions), None elsewhere."""
+        import deepspeed
+        import torch.distributed as dist
+        from peft import get_peft_model_state_dict
+
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if self.stage == 3:
+            params = [p for _, p in self.model.named_parameters()]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                state = get_peft_model_state_dict(self.model) if rank0 else None
+                return {k: v.detach().clone().cpu() for k, v in state.items()} if rank0 else None
+        return get_peft_model_state_dict(self.model) if rank0 else None
+
+
+class SingleRun:
+    def __init__(self, recipe: Recipe, model, train_dataset, collate, device) -> None:
+        from ist_ds.trainer import SingleProcessTrainer
+
+        t = recipe.training
+        self.trainer = SingleProcessTrainer(model, recipe.ist, train_dataset, collate, lr=t.lr,
+                                            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                                            device=device)
+        self.model = self.trainer.model
+        self.device = self.trainer.device
+        self.ist = self.trainer.ist
+        self._lr = t.lr
+
+    def train_step(self, micro_batches: list[dict]) -> float:
+        return self.trainer.train_step(micro_batches)
+
+    def lr(self) -> float:
+        return self._lr
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        raise ISTConfigError("checkpoints of the single-process backend are not supported; "
+                             "use backend.name: deepspeed (also for one process)")
+
+    def load_checkpoint(self, directory: str) -> bool:
+        raise ISTConfigError("resuming the single-process backend is not supported; use backend.name: deepspeed")
+
+    def adapter_state(self) -> dict:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)

@@ -1,0 +1,232 @@
+"""A whole fine-tuning job from a recipe: data, model, PEFT, backend, the loop, evaluation, outputs.
+
+This is what ``ist-ds train`` and ``launch/train.py`` run, under any launcher (``deepspeed``,
+``torchrun``, ``mpirun``, ``srun``, or plain ``python`` for one process). Outputs in ``output_dir``:
+``adapter/`` (loadable by plain ``peft``), ``ist_state.pt``, ``summary.json``, ``recipe.yaml``,
+``tokenizer`` files, ``checkpoints/`` when ``save_every`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+import yaml
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ist_ds.collectives import LocalCollectives, default_collectives
+from ist_ds.data import ByteTokenizer, InstructionDataset, PadCollator, load_task, load_tokenizer
+from ist_ds.dist_env import discover
+from ist_ds.errors import ISTConfigError
+from ist_ds.recipe import Recipe
+from ist_ds.scoring import default_forward
+
+logger = logging.getLogger(__name__)
+
+
+def _init_distributed(recipe: Recipe) -> tuple[int, int]:
+    import datetime
+
+    env = discover()
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    timeout = datetime.timedelta(seconds=recipe.backend.dist_timeout_s)
+    if recipe.backend.name == "deepspeed":
+        import deepspeed
+
+        backend = None if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    elif recipe.backend.name == "fsdp":
+        from ist_ds.dist_env import init_process_group
+
+        init_process_group(timeout_s=recipe.backend.dist_timeout_s)
+    elif world > 1:
+        raise ISTConfigError(f"backend.name: single runs one process, but the launcher started {world}")
+    return rank, world
+
+
+def _build_model(recipe: Recipe, tokenizer):
+    from ist_ds.models import apply_peft, build_model
+
+    m, p = recipe.model, recipe.peft
+    dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
+    if m.path:
+        from transformers import AutoModelForCausalLM
+
+        if not os.path.isdir(m.path):
+            raise ISTConfigError(f"model.path {m.path!r} is not a local directory (nothing is downloaded)")
+        model = AutoModelForCausalLM.from_pretrained(m.path, dtype=dtype)
+    else:
+        overrides = dict(m.config)
+        overrides.setdefault("vocab_size", len(tokenizer))
+        if isinstance(tokenizer, ByteTokenizer):
+            overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
+            overrides.setdefault("bos_token_id", tokenizer.bos_token_id)
+            overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
+        model = build_model(m.arch, seed=m.seed, **overrides).to(dtype)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    extra = {"modules_to_save": list(p.modules_to_save)} if p.modules_to_save else {}
+    return apply_peft(model, p.method, r=p.r, alpha=p.alpha, dropout=p.dropout,
+                      target_modules=list(p.target_modules) if p.target_modules else None, **extra)
+
+
+def _progress(total: int, enabled: bool, rank: int):
+    if rank != 0 or not enabled or not sys.stdout.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+
+
+def run(recipe: Recipe, resume: bool = False) -> dict:
+    """Run the job described by ``recipe``; returns the summary (on every rank)."""
+    from ist_ds.console import setup_logging
+
+    rank, world = _init_distributed(recipe)
+    setup_logging(rank, world)
+    t = recipe.training
+    torch.manual_seed(t.seed)
+    on_cpu = not torch.cuda.is_available()
+
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    task = load_task(recipe.data.train, test_path=recipe.data.test, num_train=recipe.data.num_train,
+                     num_test=recipe.data.num_test, seed=recipe.data.seed)
+    train_ds = InstructionDataset(task.train, tokenizer, cutoff_len=recipe.data.cutoff_len,
+                                  train_on_inputs=recipe.data.train_on_inputs)
+    test_records = task.test[:recipe.data.max_eval_examples]
+    test_ds = InstructionDataset(test_records, tokenizer, cutoff_len=recipe.data.cutoff_len,
+                                 train_on_inputs=recipe.data.train_on_inputs) if test_records else None
+    collate = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
+
+    micro = t.micro_batch_size
+    if t.global_batch_size % (micro * world):
+        raise ISTConfigError(
+            f"training.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size={micro} "
+            f"x world size {world}; use a multiple of {micro * world}")
+    grad_acc = t.global_batch_size // (micro * world)
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=True)
+    loader = DataLoader(train_ds, batch_size=micro, sampler=sampler, collate_fn=collate, drop_last=True)
+    steps_per_epoch = len(loader) // grad_acc
+    if steps_per_epoch == 0:
+        raise ISTConfigError(f"the training data ({len(train_ds)} examples) is smaller than one global batch "
+                             f"({t.global_batch_size})")
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+
+    model = _build_model(recipe, tokenizer)
+    logger.info("job: %s backend, %d rank(s), %d steps (%d per epoch), global batch %d = %d x %d x %d",
+                recipe.backend.name, world, total_steps, steps_per_epoch, t.global_batch_size, micro, world, grad_acc)
+    if recipe.backend.name == "deepspeed":
+        from ist_ds.run_backends import DeepSpeedRun
+
+        backend = DeepSpeedRun(recipe, model, train_ds, collate, world, total_steps, on_cpu)
+    elif recipe.backend.name == "fsdp":
+        from ist_ds.run_backends import FSDPRun
+
+        backend = FSDPRun(recipe, model, train_ds, collate, total_steps)
+    else:
+        from ist_ds.run_backends import SingleRun
+
+        backend = SingleRun(recipe, model, train_ds, collate, "cuda" if not on_cpu else "cpu")
+    comm = default_collectives() if world > 1 else LocalCollectives()
+    ckpt_dir = os.path.join(recipe.output_dir, "checkpoints")
+    start_step = 0
+    if resume:
+        if backend.load_checkpoint(ckpt_dir):
+            start_step = backend.ist.step if backend.ist is not None else 0
+            logger.info("resumed from %s at step %d", ckpt_dir, start_step)
+        else:
+            logger.warning("no checkpoint in %s; starting from scratch", ckpt_dir)
+
+    def batches():
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            it = iter(loader)
+            for _ in range(steps_per_epoch):
+                yield [next(it) for _ in range(grad_acc)]
+            epoch += 1
+
+    stream = batches()
+    for _ in range(start_step):  # skip what a resumed run already trained on
+        next(stream)
+    bar = _progress(total_steps - start_step, t.progress, rank)
+    losses: list[tuple[int, float]] = []
+    window, tokens, t0 = [], 0, time.perf_counter()
+    for step in range(start_step, total_steps):
+        micro_batches = next(stream)
+        selected = backend.ist.selected_layers if backend.ist is not None else None
+        loss = backend.train_step(micro_batches)
+        window.append(loss)
+        tokens += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", layers=",".join(map(str, selected or [])))
+        if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
+            mean = comm.all_reduce_sum(torch.tensor([sum(window), len(window), tokens], dtype=torch.float64))
+            elapsed = time.perf_counter() - t0
+            avg = float(mean[0] / mean[1])
+            losses.append((step + 1, avg))
+            msg = f"step {step + 1}/{total_steps} loss {avg:.4f} lr {backend.lr():.2e} tok/s {float(mean[2]) / elapsed:.0f}"
+            if selected is not None:
+                msg += f" layers {selected}"
+            (bar.write if bar is not None else logger.info)(msg) if rank == 0 else None
+            window, tokens, t0 = [], 0, time.perf_counter()
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total_steps:
+            backend.save_checkpoint(ckpt_dir, tag=f"step{step + 1}")
+    if bar is not None:
+        bar.close()
+
+    summary = {"steps": total_steps, "world_size": world, "backend": recipe.backend.name,
+               "final_train_loss": losses[-1][1] if losses else None, "train_losses": losses}
+    if test_ds is not None:
+        from ist_ds.evaluation import choice_accuracy, evaluate_loss
+
+        summary["eval_loss"] = evaluate_loss(backend.model, test_ds, collate, micro, backend.device, comm, default_forward)
+        summary["eval_accuracy"] = choice_accuracy(backend.model, test_records, tokenizer, backend.device, comm,
+                                                   default_forward, cutoff_len=recipe.data.cutoff_len)
+    if backend.ist is not None:
+        summary["scores"] = backend.ist.scores.tolist()
+        summary["importance"] = (-backend.ist.scores).tolist()
+        summary["selection_counts"] = list(backend.ist.selection_counts)
+        summary["memory"] = backend.ist.memory_report()
+    adapter = backend.adapter_state()
+    if rank == 0:
+        _write_outputs(recipe, backend, tokenizer, adapter, summary)
+        _log_summary(summary)
+    return summary
+
+
+def _write_outputs(recipe: Recipe, backend, tokenizer, adapter: dict, summary: dict) -> None:
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import save_file
+
+    out = recipe.output_dir
+    os.makedirs(os.path.join(out, "adapter"), exist_ok=True)
+    backend.model.peft_config["default"].save_pretrained(os.path.join(out, "adapter"))
+    save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(out, "adapter", SAFETENSORS_WEIGHTS_NAME))
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out)
+    if backend.ist is not None:
+        torch.save(backend.ist.state_dict(), os.path.join(out, "ist_state.pt"))
+    with open(os.path.join(out, "recipe.yaml"), "w") as f:
+        yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+def _log_summary(summary: dict) -> None:
+    logger.info("done: %d steps on %d rank(s), final train loss %.4f", summary["steps"], summary["world_size"],
+                summary["final_train_loss"] or math.nan)
+    if "eval_loss" in summary:
+        logger.info("held-out loss %.4f, multiple-choice accuracy %.3f", summary["eval_loss"], summary["eval_accuracy"])
+    if "scores" in summary:
+        counts, importance = summary["selection_counts"], summary["importance"]
+        total = sum(counts) or 1
+        logger.info("layer  importance (-score)  trained in steps")
+        for i, (imp, c) in enumerate(zip(importance, counts)):
+            logger.info("%5d  %19.4f  %5d  %s", i, imp, c, "#" * round(40 * c / total))

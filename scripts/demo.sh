@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the embedded quick start: a tiny Llama + LoRA + IST on 2 CPU ranks
+# through the deepspeed launcher (on a GPU machine, the same job on 2 GPUs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore
+if ! .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  export DS_ACCELERATOR=cpu
+fi
+exec .venv/bin/deepspeed --num_gpus 2 launch/train.py --config configs/quickstart.yaml "$@"
