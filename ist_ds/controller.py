@@ -46,7 +46,7 @@ class ISTController:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.selected: list[int] = []
-        self.selection_counts = [0] * self.num_layers
+        self.selection_counts = [0] * self.num_layers  # optimizer steps each layer was trained in
         self.last_update_seconds = 0.0
         self.last_suppression_sets: list[list[int]] = []
         self.last_losses: list[float] = []
@@ -75,6 +75,8 @@ class ISTController:
 
     def after_optimizer_step(self) -> list[int]:
         """Advance past one optimizer step; returns the layers of the next one."""
+        for i in self.selected:
+            self.selection_counts[i] += 1
         self.step += 1
         if (self.config.strategy == "ist" and self.step % self.config.update_interval == 0):
             self.update_importance()
@@ -99,8 +101,6 @@ class ISTController:
             selected = sample_uniform_layers(self.num_layers, self.importance.num_train, self.generator)
         else:
             selected = list(range(self.num_layers))
-        for i in selected:
-            self.selection_counts[i] += 1
         self._apply(selected)
 
     def _apply(self, selected: list[int]) -> None:

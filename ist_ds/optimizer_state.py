@@ -2,7 +2,8 @@
 
 Works on any ``torch.optim.Optimizer``-like object whose ``state`` maps a tensor (the parameter the
 optimizer steps: the parameter itself in plain PyTorch and FSDP2, a flat fp32 master partition under
-DeepSpeed ZeRO) to a dict of tensors. Nothing here knows about a backend.
+DeepSpeed ZeRO) to a dict of tensors. Nothing here knows about a backend. State held as DTensors
+(FSDP2) is moved and counted by its local shard, and re-wrapped with the same sharding on restore.
 
 - ``keep``: nothing moves (the reference behaviour).
 - ``offload``: the state of a layer leaves the optimizer when the layer is deselected and comes back,
@@ -24,10 +25,18 @@ from typing import Iterable, Mapping
 
 import torch
 
+try:  # FSDP2 keeps the optimizer state of a sharded parameter as a DTensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = ()
+
 logger = logging.getLogger(__name__)
 
 
 def _tensor_bytes(value) -> int:
+    """Bytes this process holds for ``value``: the local shard of a DTensor, else the whole tensor."""
+    if isinstance(value, DTensor):
+        value = value.to_local()
     return value.numel() * value.element_size() if torch.is_tensor(value) else 0
 
 
@@ -38,6 +47,7 @@ class _Offloaded:
     host: dict | None = None           # key -> tensor on the host (or a non-tensor value)
     path: str | None = None            # the file on disk, for the disk target
     devices: dict = field(default_factory=dict)  # key -> device the tensor came from
+    dtensors: dict = field(default_factory=dict)  # key -> (mesh, placements, shape, stride) of a DTensor
     nbytes: int = 0
 
 
@@ -85,6 +95,9 @@ class OptimizerStateStore:
         off = _Offloaded()
         host = {}
         for key, value in entry.items():
+            if isinstance(value, DTensor):  # move only this rank's shard; re-wrapped on restore
+                off.dtensors[key] = (value.device_mesh, value.placements, value.shape, value.stride())
+                value = value.to_local()
             if torch.is_tensor(value):
                 off.devices[key] = value.device
                 off.nbytes += _tensor_bytes(value)
@@ -111,9 +124,12 @@ class OptimizerStateStore:
             os.remove(off.path)
         else:
             host = off.host
-        return {key: (value.to(off.devices[key], non_blocking=non_blocking)
-                      if key in off.devices and value.device != off.devices[key] else value)
-                for key, value in host.items()}
+        out = {key: (value.to(off.devices[key], non_blocking=non_blocking)
+                     if key in off.devices and value.device != off.devices[key] else value)
+               for key, value in host.items()}
+        for key, (mesh, placements, shape, stride) in off.dtensors.items():
+            out[key] = DTensor.from_local(out[key], mesh, placements, run_check=False, shape=shape, stride=stride)
+        return out
 
     # ------------------------------------------------------------------ accounting
     def offloaded_layers(self) -> list[int]:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 # mpi4py needs a system MPI; numactl serves `deepspeed --bind_cores_to_rank`.
-if ! command -v mpirun >/dev/null 2>&1 || ! [ -e /usr/include/x86_64-linux-gnu/mpi.h -o -e /usr/lib/x86_64-linux-gnu/openmpi/include/mpi.h -o -n "$(ls /usr/lib/*/openmpi/include/mpi.h 2>/dev/null)" ]; then
+if ! dpkg -s libopenmpi-dev openmpi-bin numactl >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq libopenmpi-dev openmpi-bin numactl >/dev/null
