@@ -176,6 +176,12 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
                 msg += f" layers {selected}"
             (bar.write if bar is not None else logger.info)(msg) if rank == 0 else None
             window, tokens, t0 = [], 0, time.perf_counter()
+        if test_ds is not None and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < total_steps:
+            from ist_ds.evaluation import evaluate_loss
+
+            eval_loss = evaluate_loss(backend.model, test_ds, collate, micro, backend.device, comm, default_forward)
+            (bar.write if bar is not None else logger.info)(f"step {step + 1}: held-out loss {eval_loss:.4f}") \
+                if rank == 0 else None
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total_steps:
             backend.save_checkpoint(ckpt_dir, tag=f"step{step + 1}")
     if bar is not None:
