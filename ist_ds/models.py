@@ -7,7 +7,7 @@ architecture from a config, just very small, and :func:`apply_peft` wraps it wit
 methods IST supports, using peft's own config classes so that we test against what users run.
 
 Sizes default to hidden 64, 4 layers, 4 heads (2 KV heads where the architecture has grouped-query
-attention), intermediate 128, vocabulary 259 (256 byte values + BOS, EOS, PAD) and 512 positions.
+attention), intermediate 128, vocabulary 259 (256 byte values + PAD, BOS, EOS, the byte tokenizer's ids) and 512 positions.
 Dropout defaults to 0 so that forwards are deterministic; pass e.g. ``attention_dropout=0.1`` to
 change it.
 """
@@ -27,9 +27,11 @@ from ist_ds.errors import ISTConfigError
 logger = logging.getLogger(__name__)
 
 #: Token ids of the byte-level toy vocabulary: bytes are 0..255, then these three.
-BOS_TOKEN_ID = 256
-EOS_TOKEN_ID = 257
-PAD_TOKEN_ID = 258
+# The byte tokenizer's special ids (ist_ds.data.tokenizer.ByteTokenizer), so that a model built here
+# and that tokenizer agree without any configuration.
+PAD_TOKEN_ID = 256
+BOS_TOKEN_ID = 257
+EOS_TOKEN_ID = 258
 VOCAB_SIZE = 259
 
 ARCHS: tuple[str, ...] = ("llama", "qwen2", "mistral", "gpt2")

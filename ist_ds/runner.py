@@ -20,7 +20,7 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ist_ds.collectives import LocalCollectives, default_collectives
-from ist_ds.data import ByteTokenizer, InstructionDataset, PadCollator, load_task, load_tokenizer
+from ist_ds.data import InstructionDataset, PadCollator, load_task, load_tokenizer
 from ist_ds.dist_env import discover
 from ist_ds.errors import ISTConfigError
 from ist_ds.recipe import Recipe
@@ -63,10 +63,9 @@ def _build_model(recipe: Recipe, tokenizer):
     else:
         overrides = dict(m.config)
         overrides.setdefault("vocab_size", len(tokenizer))
-        if isinstance(tokenizer, ByteTokenizer):
-            overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
-            overrides.setdefault("bos_token_id", tokenizer.bos_token_id)
-            overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # the tokenizer's special ids
+            if getattr(tokenizer, key, None) is not None:
+                overrides.setdefault(key, getattr(tokenizer, key))
         model = build_model(m.arch, seed=m.seed, **overrides).to(dtype)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -495,7 +495,7 @@ def setup(model: torch.nn.Module, ist_config: ISTConfig | Mapping[str, Any] | No
             [n for layer in before.layers for n, _ in layer.params]:
         raise ISTModelError("the trainable parameters changed names or order under fully_shard; "
                             "IST cannot map its layers onto the sharded model")
-    pass  # _lazy_init(model)
+    _lazy_init(model)
 
     groups = layer_param_groups(layer_map)
     if optimizer_factory is None:
