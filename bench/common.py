@@ -156,10 +156,13 @@ def run_ranks(fn, world: int, *args, timeout: float = 1200) -> list:
     results, errors = {}, []
     try:
         for _ in procs:
-            rank, status, value = queue.get(timeout=timeout)
+            try:
+                rank, status, value = queue.get(timeout=timeout if not errors else 20)
+            except Exception:  # noqa: BLE001 - a rank that hangs after another failed
+                break
             if status == "error":
                 errors.append(f"rank {rank} failed:\n{value}")
-                break
+                continue
             results[rank] = pickle.loads(value)
     finally:
         for p in procs:

@@ -1,7 +1,8 @@
 """``ist-ds``: the command line.
 
 ``ist-ds train --config RECIPE.yaml [--set section.key=value ...] [--resume]`` runs a job under any
-launcher; ``python -m ist_ds.cli`` is the same.
+launcher; ``ist-ds report RUN_DIR [RUN_DIR ...] --out DIR`` renders plots and a Markdown summary of
+finished runs (docs/monitoring.md); ``python -m ist_ds.cli`` is the same.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="override one recipe value (YAML syntax); repeatable")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    report = sub.add_parser("report", help="plots and a Markdown summary of finished runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's output_dir (event files, summary.json)")
+    report.add_argument("--out", required=True, help="directory for the PNGs and report.md")
+    report.add_argument("--label", dest="labels", action="append", default=None, metavar="NAME",
+                        help="name of each run in the plots, in order (default: the directory names)")
+    report.add_argument("--title", default="IST run report", help="heading of report.md")
     args = parser.parse_args(argv)
+
+    if args.command == "report":
+        return _report(args)
 
     from ist_ds.recipe import Recipe
 
@@ -38,6 +48,22 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("ist_ds").error("error: %s", e)
         print(f"ist-ds: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ist_ds.console import setup_logging
+    from ist_ds.report import write_report
+
+    setup_logging()
+    log = logging.getLogger("ist_ds")
+    try:
+        written = write_report(args.run_dirs, args.out, labels=args.labels, title=args.title)
+    except ISTError as e:
+        print(f"ist-ds: error: {e}", file=sys.stderr)
+        return 2
+    for name, path in written.items():
+        log.info("%-12s %s", name, path)
     return 0
 
 

@@ -75,7 +75,9 @@ class OptimizerStateStore:
             if t not in state:
                 continue
             entry = state.pop(t)
-            if self.mode == "drop":
+            # An empty entry holds nothing; storing it would shadow state already offloaded for ``t``
+            # (DeepSpeed's lazy hp-param linkage indexes the defaultdict ``state`` for every group).
+            if self.mode == "drop" or not entry:
                 continue
             self._away.setdefault(layer, []).append((t, self._offload(layer, j, entry)))
 

@@ -66,7 +66,8 @@ class TrainingSection:
     seed: int = 42
     log_every: int = 10
     eval_every: int = 0                 # 0: evaluate at the end only
-    save_every: int = 0                 # 0: no intermediate checkpoints
+    save_every: int = 0                 # 0: no checkpoints; else every N steps and at the end
+    stop_after_steps: int = 0           # stop (with a checkpoint) after this step, e.g. to fit a scheduler slot
     progress: bool = True               # a progress bar on rank 0 when stdout is a terminal
     tensorboard: bool = True
 
@@ -92,7 +93,7 @@ POSITIVE = {("peft", "r"), ("peft", "alpha"), ("data", "cutoff_len"), ("data", "
             ("training", "epochs"), ("training", "micro_batch_size"), ("training", "global_batch_size"),
             ("training", "log_every"), ("backend", "dist_timeout_s")}
 NON_NEGATIVE = {("data", "num_test"), ("data", "max_eval_examples"), ("training", "max_steps"),
-                ("training", "warmup_steps"), ("training", "eval_every"), ("training", "save_every"),
+                ("training", "warmup_steps"), ("training", "eval_every"), ("training", "save_every"), ("training", "stop_after_steps"),
                 ("training", "weight_decay"), ("training", "seed"), ("model", "seed"), ("data", "seed")}
 
 

@@ -55,6 +55,11 @@ def deepspeed_config(recipe: Recipe, world_size: int, total_steps: int, on_cpu: 
         filled["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if recipe.model.dtype == "bfloat16":
         filled["bf16"] = {"enabled": True}
+    if t.tensorboard:  # DeepSpeed's own monitor writes the job's scalars (ist_ds.monitor); rank 0 only
+        from ist_ds.monitor import JOB_NAME, tensorboard_dir
+
+        filled["tensorboard"] = {"enabled": True, "output_path": tensorboard_dir(recipe.output_dir),
+                                 "job_name": JOB_NAME}
     config = dict(user)
     for key, value in filled.items():
         if key not in config or config[key] == "auto":
@@ -95,9 +100,10 @@ class DeepSpeedRun:
     def save_checkpoint(self, directory: str, tag: str) -> None:
         self.engine.save_checkpoint(directory, tag=tag)
 
-    def load_checkpoint(self, directory: str) -> bool:
+    def load_checkpoint(self, directory: str) -> int:
+        """Load the latest checkpoint in ``directory``; returns its step (0 when there is none)."""
         path, _ = self.engine.load_checkpoint(directory)
-        return path is not None
+        return self.engine.global_steps if path is not None else 0
 
     def adapter_state(self) -> dict | None:
         """Full PEFT weights on rank 0 (gathered from ZeRO-3 partitions), None elsewhere."""
@@ -137,7 +143,7 @@ class SingleRun:
         raise ISTConfigError("checkpoints of the single-process backend are not supported; "
                              "use backend.name: deepspeed (also for one process)")
 
-    def load_checkpoint(self, directory: str) -> bool:
+    def load_checkpoint(self, directory: str) -> int:
         raise ISTConfigError("resuming the single-process backend is not supported; use backend.name: deepspeed")
 
     def adapter_state(self) -> dict:

@@ -12,17 +12,17 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 
 import torch
 import yaml
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from ist_ds.collectives import LocalCollectives, default_collectives
 from ist_ds.data import InstructionDataset, PadCollator, load_task, load_tokenizer
 from ist_ds.dist_env import discover
 from ist_ds.errors import ISTConfigError
+from ist_ds.monitor import Progress, build_monitor, eval_forward_count, importance_updated
 from ist_ds.recipe import Recipe
 from ist_ds.scoring import default_forward
 
@@ -30,22 +30,16 @@ logger = logging.getLogger(__name__)
 
 
 def _init_distributed(recipe: Recipe) -> tuple[int, int]:
-    import datetime
+    """Join the job under whichever launcher started us (see ist_ds/dist_env.py and docs/launch.md)."""
+    from ist_ds.dist_env import init_distributed
 
     env = discover()
-    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    timeout = datetime.timedelta(seconds=recipe.backend.dist_timeout_s)
-    if recipe.backend.name == "deepspeed":
-        import deepspeed
-
-        backend = None if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
-    elif recipe.backend.name == "fsdp":
-        from ist_ds.dist_env import init_process_group
-
-        init_process_group(timeout_s=recipe.backend.dist_timeout_s)
-    elif world > 1:
+    world = int(env["WORLD_SIZE"])
+    if recipe.backend.name == "single" and world > 1:
         raise ISTConfigError(f"backend.name: single runs one process, but the launcher started {world}")
+    framework = "deepspeed" if recipe.backend.name == "deepspeed" else "torch"
+    backend = None if torch.cuda.is_available() else "gloo"
+    rank, world, _ = init_distributed(framework, backend=backend, timeout_s=recipe.backend.dist_timeout_s)
     return rank, world
 
 
@@ -72,14 +66,6 @@ def _build_model(recipe: Recipe, tokenizer):
     extra = {"modules_to_save": list(p.modules_to_save)} if p.modules_to_save else {}
     return apply_peft(model, p.method, r=p.r, alpha=p.alpha, dropout=p.dropout,
                       target_modules=list(p.target_modules) if p.target_modules else None, **extra)
-
-
-def _progress(total: int, enabled: bool, rank: int):
-    if rank != 0 or not enabled or not sys.stdout.isatty():
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
 
 
 def run(recipe: Recipe, resume: bool = False) -> dict:
@@ -109,8 +95,7 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
             f"x world size {world}; use a multiple of {micro * world}")
     grad_acc = t.global_batch_size // (micro * world)
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=True)
-    loader = DataLoader(train_ds, batch_size=micro, sampler=sampler, collate_fn=collate, drop_last=True)
-    steps_per_epoch = len(loader) // grad_acc
+    steps_per_epoch = len(sampler) // (micro * grad_acc)
     if steps_per_epoch == 0:
         raise ISTConfigError(f"the training data ({len(train_ds)} examples) is smaller than one global batch "
                              f"({t.global_batch_size})")
@@ -135,37 +120,30 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
     ckpt_dir = os.path.join(recipe.output_dir, "checkpoints")
     start_step = 0
     if resume:
-        if backend.load_checkpoint(ckpt_dir):
-            start_step = backend.ist.step if backend.ist is not None else 0
+        start_step = backend.load_checkpoint(ckpt_dir)
+        if start_step:
             logger.info("resumed from %s at step %d", ckpt_dir, start_step)
         else:
             logger.warning("no checkpoint in %s; starting from scratch", ckpt_dir)
-
-    def batches():
-        epoch = 0
-        while True:
-            sampler.set_epoch(epoch)
-            it = iter(loader)
-            for _ in range(steps_per_epoch):
-                yield [next(it) for _ in range(grad_acc)]
-            epoch += 1
-
-    stream = batches()
-    for _ in range(start_step):  # skip what a resumed run already trained on
-        next(stream)
-    bar = _progress(total_steps - start_step, t.progress, rank)
+    stop_at = min(total_steps, t.stop_after_steps) if t.stop_after_steps else total_steps
+    stream = _global_batches(train_ds, sampler, collate, micro, grad_acc, steps_per_epoch, start_step)
+    monitor = build_monitor(recipe, backend, rank)  # TensorBoard on rank 0 (docs/monitoring.md)
+    monitor.log_ist(start_step, backend.ist)
+    bar = Progress(stop_at, "train", "step", enabled=t.progress and rank == 0, initial=start_step)
     losses: list[tuple[int, float]] = []
     window, tokens, t0 = [], 0, time.perf_counter()
-    for step in range(start_step, total_steps):
+    for step in range(start_step, stop_at):
         micro_batches = next(stream)
         selected = backend.ist.selected_layers if backend.ist is not None else None
+        step_start = time.perf_counter()
         loss = backend.train_step(micro_batches)
         window.append(loss)
-        tokens += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", layers=",".join(map(str, selected or [])))
-        if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
+        step_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+        tokens += step_tokens
+        bar.step(loss, step_tokens * world, time.perf_counter() - step_start, selected,
+                 backend.ist.num_layers if backend.ist is not None else None)
+        log_point = (step + 1) % t.log_every == 0 or step + 1 == total_steps
+        if log_point:
             mean = comm.all_reduce_sum(torch.tensor([sum(window), len(window), tokens], dtype=torch.float64))
             elapsed = time.perf_counter() - t0
             avg = float(mean[0] / mean[1])
@@ -173,27 +151,41 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
             msg = f"step {step + 1}/{total_steps} loss {avg:.4f} lr {backend.lr():.2e} tok/s {float(mean[2]) / elapsed:.0f}"
             if selected is not None:
                 msg += f" layers {selected}"
-            (bar.write if bar is not None else logger.info)(msg) if rank == 0 else None
+            logger.info(msg)
+            monitor.log(step + 1, {"train/loss": avg, "train/lr": backend.lr(),
+                                   "train/tokens_per_second": float(mean[2]) / elapsed})
             window, tokens, t0 = [], 0, time.perf_counter()
+        if log_point or importance_updated(backend.ist):
+            monitor.log_ist(step + 1, backend.ist)
         if test_ds is not None and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < total_steps:
             from ist_ds.evaluation import evaluate_loss
 
             eval_loss = evaluate_loss(backend.model, test_ds, collate, micro, backend.device, comm, default_forward)
-            (bar.write if bar is not None else logger.info)(f"step {step + 1}: held-out loss {eval_loss:.4f}") \
-                if rank == 0 else None
-        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total_steps:
+            logger.info("step %d: held-out loss %.4f", step + 1, eval_loss)
+            monitor.log(step + 1, {"eval/loss": eval_loss})
+        if t.save_every and ((step + 1) % t.save_every == 0 or step + 1 == stop_at):
             backend.save_checkpoint(ckpt_dir, tag=f"step{step + 1}")
-    if bar is not None:
-        bar.close()
+    bar.close()
+    if stop_at < total_steps:
+        monitor.close()
+        logger.info("stopped after step %d of %d as asked (training.stop_after_steps); continue with --resume",
+                    stop_at, total_steps)
+        return {"steps": stop_at, "stopped_early": True}
 
     summary = {"steps": total_steps, "world_size": world, "backend": recipe.backend.name,
                "final_train_loss": losses[-1][1] if losses else None, "train_losses": losses}
     if test_ds is not None:
         from ist_ds.evaluation import choice_accuracy, evaluate_loss
 
-        summary["eval_loss"] = evaluate_loss(backend.model, test_ds, collate, micro, backend.device, comm, default_forward)
+        bar = Progress(eval_forward_count(len(test_ds), len(test_records), micro, world), "eval", "forward",
+                       enabled=t.progress and rank == 0, total_is_bound=True)
+        forward = bar.wrap(default_forward)
+        summary["eval_loss"] = evaluate_loss(backend.model, test_ds, collate, micro, backend.device, comm, forward)
         summary["eval_accuracy"] = choice_accuracy(backend.model, test_records, tokenizer, backend.device, comm,
-                                                   default_forward, cutoff_len=recipe.data.cutoff_len)
+                                                   forward, cutoff_len=recipe.data.cutoff_len)
+        bar.close()
+        monitor.log(total_steps, {"eval/loss": summary["eval_loss"], "eval/accuracy": summary["eval_accuracy"]})
+    monitor.close()
     if backend.ist is not None:
         summary["scores"] = backend.ist.scores.tolist()
         summary["importance"] = (-backend.ist.scores).tolist()
@@ -204,6 +196,24 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
         _write_outputs(recipe, backend, tokenizer, adapter, summary)
         _log_summary(summary)
     return summary
+
+
+def _global_batches(dataset, sampler, collate, micro: int, grad_acc: int, steps_per_epoch: int, start_step: int):
+    """This rank's micro-batches of each optimizer step, from ``start_step`` on.
+
+    The order is a pure function of (seed, epoch, step), so a resumed run sees exactly the batches the
+    uninterrupted run would have seen, without reading the skipped ones.
+    """
+    per_step = micro * grad_acc
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        indices = list(iter(sampler))
+        for s in range(offset, steps_per_epoch):
+            chunk = indices[s * per_step:(s + 1) * per_step]
+            yield [collate([dataset[i] for i in chunk[m * micro:(m + 1) * micro]]) for m in range(grad_acc)]
+        step = (epoch + 1) * steps_per_epoch
 
 
 def _write_outputs(recipe: Recipe, backend, tokenizer, adapter: dict, summary: dict) -> None:

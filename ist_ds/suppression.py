@@ -36,12 +36,30 @@ named blocks:
    parameters are gathered once more). ``scale == 0`` returns ``base`` itself. Hooks are removed on exit.
 
 Nothing here writes parameter data: parameters may be partitioned by ZeRO-3 or sharded by FSDP, and
-scoring must leave the model bit-identical. ``scale == 1`` is a no-op. Merged adapters cannot be damped
+scoring must leave the model bit-identical. (Except the opt-in full-mode ``delta`` rule below.)
+
+Full mode (``target: full``, docs/full_mode.md): a block has no adapter to damp, so one of two rules
+applies to every block of the suppression set, chosen by the layer map (``full_suppression``):
+
+3. **``residual``** (default): a forward hook on the block turns ``h + f(h)`` into ``h + scale * f(h)``,
+   i.e. returns ``h_in + scale * (h_out - h_in)``, ``h_in`` being the block's hidden-state input (first
+   positional argument or ``hidden_states=``) and ``h_out`` its output (a tensor, or the first element
+   of a tuple, as Hugging Face decoder layers return). No parameter is read or written and nothing is
+   allocated beyond the one output tensor; ``scale == 0`` skips the block. Hooks are removed on exit.
+   It damps the block's whole contribution (pretrained function plus fine-tuning), so the score
+   measures how much the model relies on the block, not only on what fine-tuning changed in it.
+4. **``delta``**: the block's trained weights are set to ``W0 + scale * (W - W0)`` for the scoring
+   forwards (``W0``: host copies taken at discovery) and set back to the saved ``W`` bit-exactly on
+   exit. This damps the fine-tuning delta only, as PEFT mode does. It writes parameter data (under
+   ZeRO-3 through ``deepspeed.zero.GatheredParameters`` with ``modifier_rank=0``, a collective every rank
+   runs in the same order) and holds ``W0`` of every trained block plus ``W`` of the suppressed blocks
+   in host memory. Not available on FSDP2-sharded models. ``scale == 1`` is a no-op. Merged adapters cannot be damped
 (their delta is inside the base weight) and raise ``ISTModelError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -86,6 +104,98 @@ def _interpolation_hook(scale: float):
     return hook
 
 
+def _hidden_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    h = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(h, torch.Tensor):
+        raise ISTModelError(
+            f"cannot suppress the residual of {type(module).__name__}: its first argument (or hidden_states=) "
+            f"is a {type(h).__name__}, not the hidden-state tensor; use full_suppression: delta"
+        )
+    return h
+
+
+def _residual_hook(scale: float):
+    """Forward hook giving ``h_in + scale * (h_out - h_in)`` for a block's hidden-state output."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any):
+        h_in = _hidden_input(module, args, kwargs)
+        if isinstance(output, torch.Tensor):
+            h_out, rest = output, None
+        elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            h_out, rest = output[0], output
+        else:
+            raise ISTModelError(
+                f"cannot suppress the residual of {type(module).__name__}: its output is a "
+                f"{type(output).__name__}, not a hidden-state tensor or a tuple starting with one"
+            )
+        if h_out.shape != h_in.shape:
+            raise ISTModelError(
+                f"cannot suppress the residual of {type(module).__name__}: output shape {tuple(h_out.shape)} "
+                f"differs from the input's {tuple(h_in.shape)} (not a residual block)"
+            )
+        h_in = h_in.to(h_out.dtype)
+        damped = h_in if scale == 0.0 else h_in + scale * (h_out - h_in)
+        if rest is None:
+            return damped
+        return type(rest)([damped, *rest[1:]]) if isinstance(rest, list) else (damped, *rest[1:])
+
+    return hook
+
+
+@contextmanager
+def suppress_residual(layer_map: LayerMap, layer_indices: Iterable[int], scale: float) -> Iterator[None]:
+    """Full mode, rule 3: scale the residual contribution of the given blocks by ``scale``."""
+    scale = float(scale)
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for i in sorted(set(layer_indices)):
+            handles.append(layer_map.layers[i].module.register_forward_hook(_residual_hook(scale), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _writable(params: list[torch.nn.Parameter]):
+    """A context in which ``p.data`` is the whole parameter and writes to it stick (ZeRO-3: gathered)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+@contextmanager
+def suppress_delta(layer_map: LayerMap, layer_indices: Iterable[int], scale: float) -> Iterator[None]:
+    """Full mode, rule 4: set the given blocks' weights to ``W0 + scale * (W - W0)``; restore ``W`` exactly."""
+    scale = float(scale)
+    layers = [layer_map.layers[i] for i in sorted(set(layer_indices))]
+    for layer in layers:
+        if layer.initial_weights is None:
+            raise ISTModelError(
+                f"block {layer.index} has no copy of its initial weights; full_suppression: delta needs a layer "
+                "map from discover_full_layers(..., keep_initial=True)"
+            )
+    saved: list[tuple[list[torch.nn.Parameter], list[torch.Tensor]]] = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                params = [p for _, p in layer.params]
+                with _writable(params):
+                    current = [p.data.to("cpu", copy=True) for p in params]
+                    saved.append((params, current))
+                    for p, w0, w in zip(params, layer.initial_weights, current):
+                        w0 = w0.to(p.device, torch.float32)
+                        p.data.copy_(w0 + scale * (p.data.float() - w0))
+        yield
+    finally:
+        with torch.no_grad():
+            for params, current in saved:
+                with _writable(params):
+                    for p, w in zip(params, current):
+                        p.data.copy_(w)
+
+
 @contextmanager
 def suppress(layer_map: LayerMap, layer_indices: Iterable[int], scale: float) -> Iterator[None]:
     """Damp the PEFT output of every tuner module in the layers ``layer_indices`` by ``scale``.
@@ -101,6 +211,15 @@ def suppress(layer_map: LayerMap, layer_indices: Iterable[int], scale: float) ->
     for i in indices:
         if not 0 <= i < n:
             raise ISTConfigError(f"layer index {i!r} out of range for a model with {n} transformer blocks")
+    if getattr(layer_map, "target", "peft") == "full":
+        if scale == 1.0 or not indices:
+            yield
+            return
+        rule = suppress_delta if layer_map.full_suppression == "delta" else suppress_residual
+        logger.debug("suppressing blocks %s by %g (full mode, %s)", indices, scale, layer_map.full_suppression)
+        with rule(layer_map, indices, scale):
+            yield
+        return
     modules = [m for i in indices for m in layer_map.layers[i].tuner_modules]
     for m in modules:
         if getattr(m, "merged", False):
@@ -134,4 +253,4 @@ def suppress(layer_map: LayerMap, layer_indices: Iterable[int], scale: float) ->
                 m.scaling[name] = value
 
 
-__all__ = ["suppress", "uses_scaling", "SCALING_TUNER_TYPES"]
+__all__ = ["suppress", "suppress_residual", "suppress_delta", "uses_scaling", "SCALING_TUNER_TYPES"]

@@ -16,7 +16,7 @@ import torch
 
 from ist_ds.controller import ISTController
 from ist_ds.core import ISTConfig
-from ist_ds.layers import discover_layers
+from ist_ds.layers import discover_for
 from ist_ds.optimizer_gate import OptimizerGate
 from ist_ds.optimizer_state import OptimizerStateStore
 from ist_ds.param_groups import layer_param_groups
@@ -55,7 +55,7 @@ class SingleProcessTrainer:
         self.model = model.to(device)
         self.device = torch.device(device)
         self.max_grad_norm = max_grad_norm
-        self.layer_map = discover_layers(model, self.config.blocks_path)
+        self.layer_map = discover_for(model, self.config)
         self.layer_map_counts = self.config.resolve(self.layer_map.num_layers)
         groups = layer_param_groups(self.layer_map)
         self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

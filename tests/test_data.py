@@ -207,20 +207,30 @@ def test_embedded_deterministic_and_valid(tmp_path: Path) -> None:
 
 
 def test_embedded_answers_are_correct() -> None:
-    train, _ = embedded_records(num_train=200, num_test=0, seed=1)
+    from ist_ds.data.embedded import _BIRDS
+
+    train, _ = embedded_records(num_train=300, num_test=0, seed=1)
+    seen = set()
     for r in train:
-        question, rest = r["instruction"].split("? ", 1)
-        options = [part.split(": ", 1)[1].strip() for part in rest.split("Answer")[1:]]
-        chosen = options[int(r["answer"][-1]) - 1]
-        if question == "Which number is largest":
+        question, rest = r["instruction"].split("Answer1: ", 1)
+        question = question.strip()
+        options = [part.split(": ", 1)[-1].strip() for part in ("Answer1: " + rest).split("Answer")[1:]]
+        assert len(options) == 4 and len(set(options)) == 4
+        index = int(r["answer"][-1]) - 1
+        chosen = options[index]
+        if question == "Which number is largest?":
             assert int(chosen) == max(map(int, options))
-        elif question == "Which number is smallest":
-            assert int(chosen) == min(map(int, options))
+        elif question == "Which animal is a bird?":
+            assert [o in _BIRDS for o in options] == [i == index for i in range(4)]
+        elif question.startswith("Select answer"):
+            assert question == f"Select answer{index + 1}."
         elif question.startswith("What is "):
-            a, b = question.removeprefix("What is ").split(" + ")
+            a, b = question.removeprefix("What is ").rstrip("?").split(" + ")
             assert int(chosen) == int(a) + int(b)
         else:
-            assert question == f"Which option says {chosen}"
+            assert question == f"Which option says {chosen}?"
+        seen.add(question[:8])
+    assert len(seen) == 5  # every family is present
 
 
 def test_embedded_rejects_bad_sizes() -> None:

@@ -86,9 +86,31 @@ def _setup(block, data, world, **kwargs):
                  collate_fn=default_collate, **kwargs)
 
 
-def _full_params(run):
-    """Every layer's PEFT parameters gathered to full tensors (a collective, same order on all ranks)."""
-    return [[p.full_tensor().detach().clone() for _, p in layer.params] for layer in run.layer_map.layers]
+def _full_params(run, reference=False):
+    """Every layer's PEFT parameters gathered to full tensors (a collective, same order on all ranks).
+
+    One all-gather of every local shard, cut back into ``Shard(0)`` pieces (each parameter here has a
+    first dimension divisible by the world size); ``reference=True`` uses ``full_tensor()`` per
+    parameter instead, 80 collectives.
+    """
+    import torch.distributed as dist
+
+    layers = [[p for _, p in layer.params] for layer in run.layer_map.layers]
+    if reference:
+        return [[p.full_tensor().detach().clone() for p in ps] for ps in layers]
+    world = dist.get_world_size()
+    shards = [p.to_local().detach() for ps in layers for p in ps]
+    assert all(s.shape[0] * world == p.shape[0] for s, p in zip(shards, (p for ps in layers for p in ps)))
+    flat = torch.cat([s.reshape(-1) for s in shards])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    pieces = [g.split([s.numel() for s in shards]) for g in gathered]
+    full = [torch.cat([pieces[r][i].view(shards[i].shape) for r in range(world)]) for i in range(len(shards))]
+    out, k = [], 0
+    for ps in layers:
+        out.append(full[k:k + len(ps)])
+        k += len(ps)
+    return out
 
 
 def _states(run):
@@ -178,6 +200,8 @@ def _modes(rank, world, tmp):
     out = {}
     for mode, target in (("keep", "host"), ("offload", "host"), ("offload", "disk"), ("drop", "host")):
         run = _setup(ist_block(mode, target, f"{tmp}/offload"), data, world)
+        if mode == "keep":  # the one-collective gather equals DTensor.full_tensor()
+            assert all(_same(a, b) for a, b in zip(_full_params(run), _full_params(run, reference=True)))
         history = _train(run, data, rank, world, 7, mode=mode)
         out[f"{mode}-{target}"] = {
             "history": history, "final": _full_params(run), "report": run.memory_report(),
@@ -238,19 +262,29 @@ def test_memory_report_by_location(mode_runs):
         assert rep["trainable_param_bytes"] * 2 == rep["trainable_param_bytes_unsharded"]
 
 
-def test_two_ranks_match_single_process_trainer(mode_runs):
+def _single_process_run(data):
     from torch.utils.data import default_collate
 
     from ist_ds.core import ISTConfig
     from ist_ds.trainer import SingleProcessTrainer
 
-    data = make_data()
     trainer = SingleProcessTrainer(make_model(), ISTConfig.from_dict(ist_block()), data, default_collate,
                                    lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
     selections = []
     for step in range(7):
         selections.append(trainer.ist.selected_layers)
         trainer.train_step(default_collate(global_batch(data, step, 2)))
+    return selections, trainer
+
+
+def test_two_ranks_match_single_process_trainer(mode_runs):
+    data = make_data()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # several threads are many times slower for this tiny model here
+    try:
+        selections, trainer = _single_process_run(data)
+    finally:
+        torch.set_num_threads(threads)
     keep = mode_runs[0]["keep-host"]
     assert selections == [h[0] for h in keep["history"]]
     torch.testing.assert_close(trainer.ist.scores, keep["history"][-1][1], rtol=0, atol=1e-5)
@@ -284,6 +318,9 @@ def _resume(rank, world, tmp):
         block = ist_block(mode, target, f"{tmp}/offload")
         ckpt = f"{tmp}/ckpt-{mode}"
         run = _setup(block, data, world)
+        if mode == "keep":  # saving before the first step leaves the (empty) optimizer state alone
+            run.save_checkpoint(f"{tmp}/ckpt-step0")
+            assert not run.optimizer.state
         _train(run, data, rank, world, SAVE_AT, check=False)
         run.save_checkpoint(ckpt, model_weights=weights)
         at_save = _snapshot(run)
@@ -370,31 +407,54 @@ def test_dcp_checkpoint_resumes_bit_identically(tmp_path):
 
 
 # ---------------------------------------------------------------------- 3: bf16 and activation checkpointing
+def _padded_data():
+    """make_data() with 0-3 padded positions at the end of each row (masked, no labels)."""
+    data = make_data()
+    for i, row in enumerate(data):
+        pad = i % 4
+        if pad:
+            row["attention_mask"][-pad:] = 0
+            row["labels"][-pad:] = -100
+    return data
+
+
 def _bf16_ckpt(rank, world):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     _init()
-    data = make_data()
+    data = _padded_data()
+    out = {}
+    # activation checkpointing recomputes exactly what the plain forward computed
+    for ac in (True, False):
+        run = _setup(ist_block(), data, world, activation_checkpointing=ac)
+        out[f"ac={ac}"] = {"history": _train(run, data, rank, world, 4, check=ac), "final": _full_params(run)}
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     run = _setup(ist_block("drop"), data, world, mixed_precision=mp, activation_checkpointing=True)
-    history = _train(run, data, rank, world, 7, mode="drop")
+    out["bf16"] = {"history": _train(run, data, rank, world, 7, mode="drop"),
+                   "sharded_dtype": run.layer_map.layers[0].params[0][1].dtype}
     # IST off: plain FSDP2 through the same entry point, every layer trains
     plain = _setup(None, data, world)
     before = _full_params(plain)
     plain.model(**_batch(data, 0, rank, world)).loss.backward()
     plain.step()
     after = _full_params(plain)
-    return {"history": history, "sharded_dtype": run.layer_map.layers[0].params[0][1].dtype,
-            "plain_changed": [not _same(a, b) for a, b in zip(before, after)], "plain_ist": plain.ist}
+    out["plain"] = {"changed": [not _same(a, b) for a, b in zip(before, after)], "ist": plain.ist}
+    return out
 
 
 def test_bf16_mixed_precision_and_activation_checkpointing():
     r0, r1 = run_ranks(_bf16_ckpt, 2)
-    assert [h[0] for h in r0["history"]] == [h[0] for h in r1["history"]]
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(r0["history"], r1["history"]))
-    assert not torch.equal(r0["history"][-1][1], torch.zeros(NUM_LAYERS))
-    assert r0["sharded_dtype"] == torch.float32  # fp32 sharded masters, bf16 only in compute
-    assert r0["plain_changed"] == [True] * NUM_LAYERS and r0["plain_ist"] is None
+    with_ac, without = r0["ac=True"], r0["ac=False"]
+    assert [h[0] for h in with_ac["history"]] == [h[0] for h in without["history"]]
+    for a, b in zip(with_ac["final"], without["final"]):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-7)
+    bf16 = r0["bf16"]  # invariants were asserted inside the ranks at every step
+    assert [h[0] for h in bf16["history"]] == [h[0] for h in r1["bf16"]["history"]]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(bf16["history"], r1["bf16"]["history"]))
+    assert not torch.equal(bf16["history"][-1][1], torch.zeros(NUM_LAYERS))
+    assert bf16["sharded_dtype"] == torch.float32  # fp32 sharded parameters; bf16 only in compute
+    assert r0["plain"]["changed"] == [True] * NUM_LAYERS and r0["plain"]["ist"] is None
 
 
 # ---------------------------------------------------------------------- 4: validation before sharding

@@ -19,12 +19,19 @@ evaluation, ``save_steps`` checkpoints and ``load_best_model_at_end``:
 
 from __future__ import annotations
 
-import os
+import contextlib
+import importlib
 
 import pytest
 import torch
 
 from distributed import run_ranks
+
+# Imported here once rather than in every forked rank: DeepSpeed imports its Muon optimizer (and with
+# it torch._dynamo, several seconds) the first time it checks an optimizer; transformers.Trainer.
+for _module in ("transformers.trainer", "deepspeed.runtime.zero.muon.muon_optimizer", "peft"):
+    with contextlib.suppress(ImportError):
+        importlib.import_module(_module)
 
 NUM_LAYERS = 8
 SEQ = 16

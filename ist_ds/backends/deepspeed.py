@@ -12,8 +12,10 @@ What it does around ``deepspeed.initialize``:
 4. wraps ``engine.step`` so that after each real optimizer step (``engine.global_steps`` moved;
    micro-steps of gradient accumulation do nothing) the controller runs the importance update,
    draws the next selection, sets ``requires_grad`` for it and moves optimizer state;
-5. wraps ``save_checkpoint`` / ``load_checkpoint`` so the IST state travels in DeepSpeed's client
-   state, with offloaded optimizer state put back into the optimizer for the save.
+5. wraps ``save_checkpoint`` / ``load_checkpoint``: offloaded optimizer state is put back into the
+   optimizer for the save, the IST state and per-rank RNG states are written beside DeepSpeed's
+   files, ``latest`` is published last and atomically, and every file is loaded as plain data
+   (see :mod:`ist_ds.checkpoint`).
 
 The caller's loop (``loss = engine(**batch).loss; engine.backward(loss); engine.step()``) is
 unchanged. See docs/deepspeed.md for the DeepSpeed internals this relies on.
@@ -21,6 +23,7 @@ unchanged. See docs/deepspeed.md for the DeepSpeed internals this relies on.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -31,11 +34,13 @@ from typing import Any, Callable
 
 import torch
 
+from ist_ds.checkpoint import (IST_STATE_FILE, atomic_torch_save, publish_latest, read_latest, rng_file,
+                                rng_state, safe_load, set_rng_state)
 from ist_ds.collectives import default_collectives
 from ist_ds.controller import ISTController
 from ist_ds.core import ISTConfig
-from ist_ds.errors import ISTConfigError
-from ist_ds.layers import LayerMap, discover_layers
+from ist_ds.errors import ISTCheckpointError, ISTConfigError
+from ist_ds.layers import LayerMap, discover_for, set_trainable
 from ist_ds.optimizer_gate import LAYER_KEY
 from ist_ds.param_groups import layer_param_groups
 from ist_ds.trainer import build_controller
@@ -104,6 +109,78 @@ class DeepSpeedIST:
     def load_state_dict(self, state: dict) -> None:
         self.controller.load_state_dict(state)
 
+    # ------------------------------------------------------------------ checkpoints
+    @contextlib.contextmanager
+    def _all_trainable(self):
+        """Every PEFT parameter requires grad, as when DeepSpeed built its buffers.
+
+        DeepSpeed records (and on load looks up) parameter names and shapes only for parameters that
+        require grad, so a save or load in the middle of IST must see all of them trainable.
+        """
+        set_trainable(self.layer_map, range(self.layer_map.num_layers))
+        try:
+            yield
+        finally:
+            set_trainable(self.layer_map, self.controller.selected)
+
+    def save_checkpoint(self, save, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
+        """DeepSpeed's save, then per-rank RNG, then (rank 0) the IST state and ``latest``, published last."""
+        import torch.distributed as dist
+
+        engine, gate = self.engine, self.controller.gate
+        tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
+        gate.store.restore_all(gate.optimizer.state)  # DeepSpeed saves what the optimizer holds
+        with self._all_trainable():
+            out = save(save_dir, tag=tag, client_state=dict(client_state or {}), save_latest=False, **kwargs)
+        gate.select(self.controller.selected)
+        tag_dir = os.path.join(save_dir, tag)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        atomic_torch_save(rng_state(), os.path.join(tag_dir, rng_file(rank)))
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            atomic_torch_save(self.controller.state_dict(), os.path.join(tag_dir, IST_STATE_FILE))
+            if save_latest:
+                publish_latest(save_dir, tag)
+        if dist.is_initialized():
+            dist.barrier()
+        return out
+
+    def load_checkpoint(self, load, load_dir, tag=None, **kwargs):
+        """Load a checkpoint written by :meth:`save_checkpoint`: safely, and only if it fits this run.
+
+        Returns DeepSpeed's ``(load_path, client_state)``; ``(None, None)`` when there is no checkpoint.
+        The IST state is checked against this model before DeepSpeed touches the engine.
+        """
+        import torch.distributed as dist
+
+        if tag is None:
+            tag = read_latest(load_dir)
+            if tag is None:
+                logger.warning("no checkpoint in %s ('latest' is missing)", load_dir)
+                return None, None
+        tag_dir = os.path.join(load_dir, str(tag))
+        ist_state = safe_load(os.path.join(tag_dir, IST_STATE_FILE))
+        if int(ist_state.get("num_layers", -1)) != self.controller.num_layers:
+            raise ISTCheckpointError(f"{tag_dir} was written for a model with {ist_state.get('num_layers')} IST "
+                                     f"layers; this model has {self.controller.num_layers}")
+        try:
+            with self._all_trainable():
+                load_path, client_state = load(load_dir, tag=tag, **kwargs)
+        except ISTCheckpointError:
+            raise
+        except (RuntimeError, KeyError, ValueError, AssertionError, EOFError, OSError) as e:
+            raise ISTCheckpointError(f"{tag_dir} does not fit this model or is damaged: {type(e).__name__}: "
+                                     f"{str(e)[:500]}") from e
+        if load_path is None:
+            raise ISTCheckpointError(f"DeepSpeed found no checkpoint files in {tag_dir}")
+        self.controller.load_state_dict(ist_state)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        rng_path = os.path.join(tag_dir, rng_file(rank))
+        if os.path.isfile(rng_path):
+            set_rng_state(safe_load(rng_path))
+        return load_path, client_state
+
     # ------------------------------------------------------------------ engine wrappers
     def _install(self) -> None:
         engine = self.engine
@@ -119,26 +196,14 @@ class DeepSpeedIST:
 
         @functools.wraps(save)
         def ist_save_checkpoint(save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
-            client_state = dict(client_state or {})
-            client_state["ist"] = self.controller.state_dict()
-            gate = self.controller.gate
-            gate.store.restore_all(gate.optimizer.state)  # DeepSpeed saves what the optimizer holds
-            try:
-                return save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kwargs)
-            finally:
-                gate.select(self.controller.selected)
+            return self.save_checkpoint(save, save_dir, tag, client_state, save_latest, **kwargs)
 
         @functools.wraps(load)
         def ist_load_checkpoint(load_dir, tag=None, **kwargs):
-            load_path, client_state = load(load_dir, tag=tag, **kwargs)
-            if load_path is not None:
-                if client_state and "ist" in client_state:
-                    self.controller.load_state_dict(client_state["ist"])
-                else:
-                    logger.warning("checkpoint %s holds no IST state; IST starts afresh", load_path)
-                    self.controller.gate.select(self.controller.selected)
-            return load_path, client_state
+            return self.load_checkpoint(load, load_dir, tag, **kwargs)
 
+        # DeepSpeed reads its own files with weights_only=False; read them as plain data instead.
+        engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
         engine.step = ist_step
         engine.save_checkpoint = ist_save_checkpoint
         engine.load_checkpoint = ist_load_checkpoint
@@ -186,7 +251,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
 
     if model is None:
         raise ISTConfigError("ist_ds.initialize needs the model")
-    layer_map = discover_layers(model, ist_config.blocks_path)
+    layer_map = discover_for(model, ist_config)
     ist_config.resolve(layer_map.num_layers)
     scoring_dataset = scoring_data if scoring_data is not None else training_data
     if ist_config.strategy == "ist" and scoring_dataset is None:

@@ -300,6 +300,11 @@ class FSDPIST:
             raise ISTCheckpointError(
                 f"{checkpoint_dir} was written with IST {'off' if state['ist'] is None else 'on'}, "
                 f"but this run has IST {'off' if self.controller is None else 'on'}")
+        if self.controller is not None:
+            saved_layers = state["ist"].get("num_layers") if isinstance(state["ist"], dict) else None
+            if saved_layers != self.controller.num_layers:
+                raise ISTCheckpointError(f"{checkpoint_dir} was written for a model with {saved_layers} IST layers, "
+                                         f"this model has {self.controller.num_layers}")
         saved = set(FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata)
 
         gate = self._gate()
@@ -377,6 +382,9 @@ def _default_mesh():
         world = dist.get_world_size()
     else:
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1 and "MASTER_ADDR" not in os.environ:  # one process, no launcher: a private group
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1)
     if device_type == "cuda" and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return init_device_mesh(device_type, (world,))
@@ -412,11 +420,21 @@ def _shard(model: torch.nn.Module, layer_map: LayerMap, mesh, mixed_precision, a
     if activation_checkpointing:
         from torch.distributed._composable import checkpoint
 
+        _disable_kv_cache(model)
         for layer in layer_map.layers:
             checkpoint(layer.module)
     for layer in layer_map.layers:
         fully_shard(layer.module, **kwargs)
     fully_shard(model, **kwargs)
+
+
+def _disable_kv_cache(model: torch.nn.Module) -> None:
+    """Turn off Hugging Face's KV cache: a recomputed block would append its keys to it a second time."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", False):
+            config.use_cache = False
+            logger.info("activation checkpointing: set %s.config.use_cache = False", type(module).__name__)
 
 
 def _lazy_init(model: torch.nn.Module) -> None:

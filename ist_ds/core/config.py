@@ -5,6 +5,9 @@ it is validated in one place. Defaults follow the IST authors' reference code (s
 Counts of layers (``train_layers``, ``suppress_layers``) are either an ``int`` (a number of layers)
 or a ``float`` in (0, 1] (a fraction of the ``L`` transformer blocks, rounded down as the reference
 does with ``int(L * fraction)``).
+
+``target`` chooses what a "layer" trains: ``peft`` (the PEFT parameters of a block, the reference) or
+``full`` (the block's own weights, all of them or the ``full_params`` subset; docs/full_mode.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from ist_ds.errors import ISTConfigError
 STRATEGIES = ("ist", "rst", "all")
 OPTIMIZER_STATE_MODES = ("keep", "offload", "drop")
 OFFLOAD_TARGETS = ("host", "disk")
+TARGETS = ("peft", "full")
+TRAIN_OUTSIDE_MODES = ("always", "never")
+FULL_SUPPRESSION_MODES = ("residual", "delta")
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,24 @@ class ISTConfig:
     offload_dir: str | None = None
     blocks_path: str | None = None
     agreement_check_interval: int = 1
+    target: str = "peft"
+    full_params: tuple[str, ...] | None = None
+    train_outside: str | tuple[str, ...] | None = None
+    full_suppression: str = "residual"
 
     def __post_init__(self) -> None:
+        for key in ("full_params", "train_outside"):  # a list from YAML/JSON; stored as a tuple (immutable)
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
         _validate(self)
+
+    @property
+    def outside_mode(self) -> str | tuple[str, ...] | None:
+        """Full mode: which parameters outside the blocks train (``always``, ``never`` or name
+        substrings; ``null`` means ``never``). PEFT mode: None."""
+        if self.target != "full":
+            return None
+        return self.train_outside or "never"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -79,7 +100,11 @@ class ISTConfig:
         return cls(**dict(block))
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key in ("full_params", "train_outside"):
+            if isinstance(out[key], tuple):
+                out[key] = list(out[key])
+        return out
 
     def replace(self, **changes: Any) -> "ISTConfig":
         return dataclasses.replace(self, **changes)
@@ -170,7 +195,30 @@ def _validate(c: ISTConfig) -> None:
         fail("offload_dir", "must be a non-empty path string or null")
     if c.blocks_path is not None and not (isinstance(c.blocks_path, str) and c.blocks_path):
         fail("blocks_path", "must be a dotted module path such as 'base_model.model.model.layers', or null")
+    if c.target not in TARGETS:
+        fail("target", f"must be one of {', '.join(TARGETS)}")
+    if c.full_params is not None:
+        if (not isinstance(c.full_params, tuple) or not c.full_params
+                or not all(isinstance(s, str) and s for s in c.full_params)):
+            fail("full_params", "must be a non-empty list of parameter-name substrings such as "
+                                "['self_attn', 'mlp'], or null for every parameter of a block")
+    if isinstance(c.train_outside, tuple):
+        if not c.train_outside or not all(isinstance(s, str) and s for s in c.train_outside):
+            fail("train_outside", "a list must hold non-empty parameter-name substrings such as ['lm_head']")
+    elif c.train_outside is not None and c.train_outside not in TRAIN_OUTSIDE_MODES:
+        fail("train_outside", f"must be one of {', '.join(TRAIN_OUTSIDE_MODES)}, a list of parameter-name "
+                              "substrings, or null")
+    if c.full_suppression not in FULL_SUPPRESSION_MODES:
+        fail("full_suppression", f"must be one of {', '.join(FULL_SUPPRESSION_MODES)}")
     # Options that contradict each other.
+    if c.target != "full":
+        if c.full_params is not None:
+            fail("full_params", "is only used with target: full (in PEFT mode the adapters decide what trains)")
+        if c.train_outside is not None:
+            fail("train_outside", "is only used with target: full (in PEFT mode trainable parameters "
+                                  "outside the blocks, e.g. modules_to_save, always train)")
+        if c.full_suppression != "residual":
+            fail("full_suppression", "is only used with target: full (PEFT mode damps the adapters' output)")
     if c.offload_target != "host" and c.optimizer_state != "offload":
         fail("offload_target", "is only used with optimizer_state: offload")
     if c.offload_target == "disk" and c.offload_dir is None:

@@ -25,21 +25,34 @@ MAX_EMBEDDED_RECORDS = 16_000
 digit families 10*9*8*7 = 5040), and train/test must not share a question."""
 
 _WORDS = ("cat", "dog", "sun", "red", "cup", "box", "pen", "hat", "map", "egg", "owl", "fox")
+_BIRDS = ("owl", "hen", "jay", "emu", "auk")
+_NOT_BIRDS = ("cat", "dog", "fox", "pig", "cow", "rat", "bat", "elk", "yak", "ant", "bee", "eel")
 
 Question = tuple[str, list[str], int]  # (question text, option strings, index of the correct option)
 
 
+def _select(rng: random.Random) -> Question:
+    """Easiest family: the question names the label (copying a digit)."""
+    correct = rng.randrange(NUM_OPTIONS)
+    return f"Select answer{correct + 1}.", rng.sample(_WORDS, NUM_OPTIONS), correct
+
+
+def _bird(rng: random.Random) -> Question:
+    """Category membership: the odd option out is recognisable by its content alone."""
+    correct = rng.randrange(NUM_OPTIONS)
+    options = rng.sample(_NOT_BIRDS, NUM_OPTIONS - 1)
+    options.insert(correct, rng.choice(_BIRDS))
+    return "Which animal is a bird?", options, correct
+
+
 def _largest(rng: random.Random) -> Question:
+    """Comparison of four distinct digits."""
     digits = rng.sample(range(10), NUM_OPTIONS)
     return "Which number is largest?", [str(d) for d in digits], digits.index(max(digits))
 
 
-def _smallest(rng: random.Random) -> Question:
-    digits = rng.sample(range(10), NUM_OPTIONS)
-    return "Which number is smallest?", [str(d) for d in digits], digits.index(min(digits))
-
-
 def _sum(rng: random.Random) -> Question:
+    """Single-digit arithmetic: the option equal to a + b (a, b < 5, so the sum is one digit)."""
     a, b = rng.randrange(5), rng.randrange(5)
     distractors = rng.sample([v for v in range(10) if v != a + b], NUM_OPTIONS - 1)
     correct = rng.randrange(NUM_OPTIONS)
@@ -48,12 +61,13 @@ def _sum(rng: random.Random) -> Question:
 
 
 def _word(rng: random.Random) -> Question:
+    """Matching: find the option equal to a word given in the question."""
     words = rng.sample(_WORDS, NUM_OPTIONS)
     correct = rng.randrange(NUM_OPTIONS)
     return f"Which option says {words[correct]}?", list(words), correct
 
 
-_FAMILIES: tuple[Callable[[random.Random], Question], ...] = (_largest, _smallest, _sum, _word)
+_FAMILIES: tuple[Callable[[random.Random], Question], ...] = (_select, _bird, _largest, _sum, _word)
 
 
 def _to_record(question: Question) -> dict[str, str]:

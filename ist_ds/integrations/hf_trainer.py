@@ -56,6 +56,12 @@ from ist_ds.optimizer_gate import LAYER_KEY
 from ist_ds.param_groups import layer_param_groups
 from ist_ds.trainer import build_controller
 
+try:  # layer discovery for the config's target (PEFT blocks, or whole blocks in full mode)
+    from ist_ds.layers import discover_for as _discover
+except ImportError:  # a version without full-layer mode
+    def _discover(model: torch.nn.Module, config: ISTConfig) -> LayerMap:
+        return discover_layers(model, config.blocks_path)
+
 logger = logging.getLogger(__name__)
 
 #: File name of the IST state inside a Trainer checkpoint folder (``checkpoint-<step>/``).
@@ -188,21 +194,31 @@ class ISTTrainerMixin:
         self._ist_trained_since_log: list[int] = []
         self._ist_steps_since_log = 0
         self._ist_step_mismatch_warned = False
+        self._ist_layers: LayerMap | None = None
         if not self.ist_config.enabled:
             logger.info("no 'ist' settings (or enabled: false): training as a plain Trainer")
             return
         if self.model is not None:  # fail early on a model IST cannot use
-            layer_map = discover_layers(self.model, self.ist_config.blocks_path)
-            self.ist_config.resolve(layer_map.num_layers)
+            self.ist_config.resolve(self._ist_layer_map(self.model).num_layers)
         self.add_callback(_ISTCallback(self))
+
+    def _ist_layer_map(self, model: torch.nn.Module) -> LayerMap:
+        """The IST layers of ``model``: found once, found again only if the wrapping replaced the
+        parameters (FSDP2's ``fully_shard`` does; DeepSpeed and DDP keep them)."""
+        cached = self._ist_layers
+        if cached is not None:
+            live = {id(p) for p in model.parameters()}
+            if all(id(p) in live for layer in cached.layers for _, p in layer.params):
+                return cached
+        self._ist_layers = _discover(model, self.ist_config)
+        return self._ist_layers
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
         """Trainer's optimizer (its class, arguments and weight-decay groups), one param group per layer."""
         optimizer = super().create_optimizer(model)
         if self.ist_config.enabled and optimizer is not None:
-            layer_map = discover_layers(self.model if model is None else model, self.ist_config.blocks_path)
-            _regroup_by_layer(optimizer, layer_map)
+            _regroup_by_layer(optimizer, self._ist_layer_map(self.model if model is None else model))
         return optimizer
 
     # ------------------------------------------------------------------ training
@@ -224,7 +240,7 @@ class ISTTrainerMixin:
         self._ist_finish()  # a previous train() (or an auto_find_batch_size retry)
         config = self.ist_config
         model = self.model  # DeepSpeed: engine.module; FSDP: the wrapped model; DDP: the bare model
-        layer_map = discover_layers(model, config.blocks_path)
+        layer_map = self._ist_layer_map(model)
         config.resolve(layer_map.num_layers)
         optimizer = self._ist_stepped_optimizer()
         dataset, collate = self._ist_scoring_data() if config.strategy == "ist" else (None, None)
@@ -377,7 +393,10 @@ class ISTTrainerMixin:
             run_dir = self._get_output_dir(trial=trial) if hasattr(self, "_get_output_dir") else self.args.output_dir
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            torch.save(self.ist.state_dict(), os.path.join(folder, IST_STATE_NAME))
+            path = os.path.join(folder, IST_STATE_NAME)
+            tmp = f"{path}.tmp{os.getpid()}"
+            torch.save(self.ist.state_dict(), tmp)
+            os.replace(tmp, path)  # a checkpoint never holds a half-written IST state
         with self._ist_full_view():
             return super()._save_checkpoint(model, trial, *args, **kwargs)
 
