@@ -334,3 +334,23 @@ def init_process_group(backend: str | None = None, timeout_s: int = 600) -> tupl
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def release_shm_buffers(env: dict | None = None) -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer, if there is one.
+
+    DeepSpeed's CPU communication op maps a buffer in ``/dev/shm`` named after the master address,
+    port and rank, and never unlinks it: every CPU job would leave tens of MB of shared memory behind
+    until reboot. The mapping stays valid for this process; only the name goes.
+    """
+    import glob
+
+    env = os.environ if env is None else env
+    addr, port, rank = env.get("MASTER_ADDR"), env.get("MASTER_PORT"), env.get("RANK")
+    if not (addr and port and rank):
+        return
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

@@ -207,7 +207,6 @@ def ist_scalars(controller) -> dict[str, float]:
             out[layer_tag("ist/train_prob", i, n)] = float(prob[i])
     for i, count in enumerate(controller.selection_counts):
         out[layer_tag("ist/selected_count", i, n)] = float(count)
-    out["ist/num_selected"] = float(len(controller.selected))
     if importance_updated(controller):
         out["ist/update_seconds"] = float(controller.last_update_seconds)
         losses = [float(x) for x in controller.last_losses]

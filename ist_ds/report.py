@@ -223,7 +223,7 @@ def _selection_counts(run: RunData) -> tuple[list[float], int]:
 
 
 def plot_importance(run: RunData, path: str) -> str | None:
-    """Heatmap: importance (-score) of every layer over the steps."""
+    """Heatmap of the importance (-score) of every layer over the steps, beside how often each layer trained."""
     tags = run.layer_tags("ist/importance")
     if not tags:
         return None
@@ -236,23 +236,39 @@ def plot_importance(run: RunData, path: str) -> str | None:
     for row, tag in enumerate(tags):
         for s, v in run.scalars[tag]:
             grid[row][index[s]] = v
-    # Each value holds from its step until the next logged one.
-    last_gap = steps[-1] - steps[-2] if len(steps) > 1 else 1
-    x_edges = steps + [steps[-1] + max(last_gap, 1)]
+    # A value logged at step k is the state after step k: it holds until the next logged step. The
+    # last one (the final state) gets a narrow column so that the axis ends where training ended.
+    last_width = max(1.0, 0.02 * (steps[-1] - steps[0]))
+    x_edges = steps + [steps[-1] + last_width]
     y_edges = [i - 0.5 for i in range(len(tags) + 1)]
     finite = [abs(v) for row in grid for v in row if not math.isnan(v)]
     bound = max(finite + [1e-6])
-    fig, ax = plt.subplots(figsize=(9, max(3.2, 0.32 * len(tags) + 1.6)), layout="constrained")
+    layer_ids = [int(_LAYER.search(t).group(1)) for t in tags]
+    counts, total = _selection_counts(run)
+    fig, (ax, side) = plt.subplots(1, 2, figsize=(10, max(3.4, 0.3 * len(tags) + 1.8)), sharey=True,
+                                   gridspec_kw={"width_ratios": [4, 1]}, layout="constrained")
     mesh = ax.pcolormesh(x_edges, y_edges, grid, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -bound, bound),
                          shading="flat")
-    cbar = fig.colorbar(mesh, ax=ax, pad=0.01)
-    cbar.set_label("importance (-score)\nred: trained more often")
-    layer_ids = [int(_LAYER.search(t).group(1)) for t in tags]
-    step = max(1, len(layer_ids) // 16)
-    ax.set_yticks(range(0, len(layer_ids), step), [str(i) for i in layer_ids[::step]])
+    tick_every = max(1, len(layer_ids) // 16)
+    ax.set_yticks(range(0, len(layer_ids), tick_every), [str(i) for i in layer_ids[::tick_every]])
+    ax.set_xlim(steps[0], x_edges[-1])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("transformer layer")
     ax.set_title(f"Layer importance over training: {run.label}")
+    if counts and total:
+        fractions = [c / total for c in counts]
+        final = [grid[row][-1] for row in range(len(tags))]
+        colors = [mesh.cmap(mesh.norm(v)) if not math.isnan(v) else "grey" for v in final]
+        side.barh(range(len(fractions)), fractions, color=colors, edgecolor="black", linewidth=0.4)
+        # The mean fraction is N_u / L: what uniform sampling (RST) gives every layer.
+        side.axvline(sum(fractions) / len(fractions), color="black", linestyle="--", linewidth=1)
+        side.set_xlim(0, min(1.0, max(fractions) * 1.25))
+        side.set_xlabel("fraction of steps trained\n(dashed: N_u / L, uniform)")
+        side.set_title("Trained; colour: final importance", fontsize=9)
+    else:
+        side.set_axis_off()
+    cbar = fig.colorbar(mesh, ax=[ax, side], pad=0.01)
+    cbar.set_label("importance (-score); red: trained more often")
     return _save(fig, path)
 
 
@@ -282,13 +298,14 @@ def plot_memory(runs: list[RunData], path: str) -> str | None:
     plt = _pyplot()
     scale, unit = _byte_unit(max(max(r[1:]) for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 3), 4.2), layout="constrained")
-    names = ("optimizer state held in a step (max)", "optimizer state offloaded (max)",
-             "trainable parameters in a step")
-    colors = ("#1f77b4", "#aec7e8", "#ff7f0e")
-    width = 0.26
-    for k, (name, color) in enumerate(zip(names, colors)):
-        xs = [j + (k - 1) * width for j in range(len(rows))]
-        values = [r[1 + k] / scale for r in rows]
+    series = [(1, "optimizer state held in a step (max)", "#1f77b4"),
+              (2, "optimizer state offloaded by IST (max)", "#aec7e8"),
+              (3, "trainable parameters in a step", "#ff7f0e")]
+    series = [x for x in series if any(r[x[0]] for r in rows)]  # e.g. nothing offloaded: no bars
+    width = 0.8 / max(len(series), 1)
+    for k, (col, name, color) in enumerate(series):
+        xs = [j + (k - (len(series) - 1) / 2) * width for j in range(len(rows))]
+        values = [r[col] / scale for r in rows]
         bars = ax.bar(xs, values, width=width, color=color, label=name)
         ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
     ax.set_xticks(range(len(rows)), [_legend_label(r[0]) for r in rows])

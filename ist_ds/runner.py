@@ -20,7 +20,7 @@ from torch.utils.data import DistributedSampler
 
 from ist_ds.collectives import LocalCollectives, default_collectives
 from ist_ds.data import InstructionDataset, PadCollator, load_task, load_tokenizer
-from ist_ds.dist_env import discover
+from ist_ds.dist_env import discover, release_shm_buffers
 from ist_ds.errors import ISTConfigError
 from ist_ds.monitor import Progress, build_monitor, eval_forward_count, importance_updated
 from ist_ds.recipe import Recipe
@@ -70,9 +70,16 @@ def _build_model(recipe: Recipe, tokenizer):
 
 def run(recipe: Recipe, resume: bool = False) -> dict:
     """Run the job described by ``recipe``; returns the summary (on every rank)."""
+    rank, world = _init_distributed(recipe)
+    try:
+        return _run(recipe, resume, rank, world)
+    finally:
+        release_shm_buffers()
+
+
+def _run(recipe: Recipe, resume: bool, rank: int, world: int) -> dict:
     from ist_ds.console import setup_logging
 
-    rank, world = _init_distributed(recipe)
     setup_logging(rank, world)
     t = recipe.training
     torch.manual_seed(t.seed)

@@ -149,26 +149,26 @@ def main(argv: list[str] | None = None) -> int:
 
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=t["seed"])
     loader = DataLoader(dataset, batch_size=t["micro_batch_size"], sampler=sampler, collate_fn=collate, drop_last=True)
-    per_epoch = len(loader) // t["grad_accum"]
-    epoch, position = divmod(start, per_epoch)  # skip what the resumed run already consumed
-    sampler.set_epoch(epoch)
-    batches = iter(loader)
-    for _ in range(position * t["grad_accum"]):
-        next(batches)
+    per_epoch = len(loader) // t["grad_accum"]  # optimizer steps per epoch
+
+    def step_batches(first_step: int):
+        """The micro-batches of each optimizer step from ``first_step`` on (a resumed run skips ahead)."""
+        epoch, position = divmod(first_step, per_epoch)
+        while True:
+            sampler.set_epoch(epoch)
+            batches = iter(loader)
+            for _ in range(position * t["grad_accum"]):
+                next(batches)
+            for _ in range(position, per_epoch):
+                yield [next(batches) for _ in range(t["grad_accum"])]
+            epoch, position = epoch + 1, 0
 
     run.model.train()
     began, window = time.perf_counter(), []
-    for step in range(start, t["steps"]):
+    for step, micro_batches in zip(range(start, t["steps"]), step_batches(start)):
         selected = ist.selected_layers if ist is not None else None
         loss_sum = 0.0
-        for _ in range(t["grad_accum"]):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                epoch += 1
-                sampler.set_epoch(epoch)
-                batches = iter(loader)
-                batch = next(batches)
+        for batch in micro_batches:
             loss = run.model(**run.to_device(batch)).loss / t["grad_accum"]
             loss.backward()
             loss_sum += float(loss.detach())
@@ -186,12 +186,16 @@ def main(argv: list[str] | None = None) -> int:
             run.save_checkpoint(os.path.join(args.save_dir, f"step-{done}"))
 
     if ist is not None:
-        report = run.memory_report()
-        logger.info("summary after %d steps (%s):", ist.step, cfg["ist"].get("strategy", "ist"))
-        logger.info("  layer  selected  score (higher = less important)")
+        report = run.memory_report()["optimizer_state_bytes"]
+        upcoming = set(ist.selected_layers)
+        logger.info("summary after %d steps (strategy %s, optimizer state %s):", ist.step, run.config.strategy,
+                    run.config.optimizer_state)
+        logger.info("  layer  trained in  score (higher = less important)")
         for i, (count, score) in enumerate(zip(ist.selection_counts, ist.scores.tolist())):
-            logger.info("  %5d  %8d  %+.5f", i, count, score)
-        logger.info("  optimizer state on rank 0 (bytes): %s", report["optimizer_state_bytes"])
+            logger.info("  %5d  %4d steps  %+.5f", i, count - (i in upcoming), score)
+        live = sum(v for k, v in report.items() if k.startswith("live_"))
+        logger.info("  optimizer state on rank 0: %d B live, %d B offloaded to host, %d B to disk", live,
+                    report.get("offloaded_host", 0), report.get("offloaded_disk", 0))
     dist.destroy_process_group()
     return 0
 

@@ -21,6 +21,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cleanup_shm(port: int) -> None:
+    """Remove DeepSpeed's shared-memory buffers of a finished run on ``port`` (DeepSpeed leaks them)."""
+    import glob
+
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def _child(fn, rank, world_size, port, queue, args, kwargs):
     os.environ.update({
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
@@ -69,6 +80,7 @@ def run_ranks(fn, world_size: int = 2, *args, timeout: float = 600, **kwargs) ->
             p.join(timeout=5 if not errors else 1)
             if p.is_alive():
                 p.kill()
+    cleanup_shm(port)
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world_size)]

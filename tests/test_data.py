@@ -23,9 +23,8 @@ from ist_ds.data import (
 )
 from ist_ds.errors import ISTDataError
 
+# The shared data lives next to the checkout (<repo>/../shared), only on CI / development machines.
 COMMONSENSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
-if not COMMONSENSE.is_dir():
-    COMMONSENSE = Path("/work/shared/data/commonsense")
 
 RECORD = {
     "instruction": "Which number is largest? Answer1: 3 Answer2: 7",

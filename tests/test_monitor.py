@@ -10,15 +10,11 @@ import glob
 import io
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 
 from distributed import run_ranks
 from ist_ds.recipe import Recipe
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LAYERS = 4
 STEPS, LOG_EVERY, UPDATE_EVERY, EVAL_EVERY = 12, 4, 3, 6
@@ -141,14 +137,16 @@ def test_report_renders_plots_and_markdown(runs, tmp_path):
     assert len(table) == 2 and "| IST |" in table[0] and "| RST |" in table[1]
 
 
-def test_report_errors(tmp_path):
+def test_report_errors(tmp_path, capsys):
     from ist_ds.cli import main
 
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "ist_ds.cli", "report", str(tmp_path / "empty"), "--out",
-                           str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "neither TensorBoard event files nor summary.json" in proc.stderr
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "neither TensorBoard event files nor summary.json" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["report", "--out", str(tmp_path / "o")])  # at least one run directory
 
 
 class _Terminal(io.StringIO):

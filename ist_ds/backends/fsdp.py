@@ -47,6 +47,15 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ist_ds.collectives import LocalCollectives, TorchCollectives
 from ist_ds.controller import ISTController
@@ -121,31 +130,26 @@ class ISTView:
         self.controller.load_state_dict(state)
 
 
-class _SafeLoadPlanner:
-    """Factory of a DCP load planner that refuses pickled objects other than plain data.
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """A DCP load planner that refuses pickled objects other than plain data.
 
-    DCP stores non-tensor values (optimizer hyper-parameters, parameter names) as pickles and its
+    DCP stores non-tensor values (optimizer hyper-parameters, parameter names) as pickles, and its
     default planner unpickles them unrestricted. This one first unpickles each with
-    ``torch.load(weights_only=True)``, which admits only tensors, numbers, strings and containers,
-    and raises :class:`ISTCheckpointError` otherwise; only then does the default planner read it.
+    ``torch.load(weights_only=True)``, which admits only tensors, numbers, strings and containers of
+    them, and raises :class:`ISTCheckpointError` otherwise; only an entry that passed is handed to
+    the default planner.
     """
 
-    def __new__(cls, **kwargs):
-        from torch.distributed.checkpoint import DefaultLoadPlanner
-
-        class SafeLoadPlanner(DefaultLoadPlanner):
-            def load_bytes(self, read_item, value: io.BytesIO) -> None:
-                start = value.tell()
-                try:
-                    torch.load(value, weights_only=True)
-                except (pickle.UnpicklingError, RuntimeError) as exc:
-                    raise ISTCheckpointError(
-                        f"refusing to load checkpoint entry {read_item.dest_index.fqn!r}: it is not plain data ({exc})"
-                    ) from None
-                value.seek(start)
-                super().load_bytes(read_item, value)
-
-        return SafeLoadPlanner(**kwargs)
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        start = value.tell()
+        try:
+            torch.load(value, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise ISTCheckpointError(
+                f"refusing to load checkpoint entry {read_item.dest_index.fqn!r}: it is not plain data ({exc})"
+            ) from None
+        value.seek(start)
+        super().load_bytes(read_item, value)
 
 
 class FSDPIST:
@@ -229,9 +233,6 @@ class FSDPIST:
         ``"full"`` saves every parameter. Offloaded optimizer state is put back into the optimizer
         for the save and released again afterwards; dropped state is absent, as in the running job.
         """
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         if model_weights not in MODEL_WEIGHTS:
             raise ISTConfigError(f"model_weights must be one of {', '.join(MODEL_WEIGHTS)}, got {model_weights!r}")
         checkpoint_dir = os.fspath(checkpoint_dir)
@@ -276,15 +277,6 @@ class FSDPIST:
         (scores, step, selection, generator and scoring-stream position) is restored exactly, so the
         run continues as the saved one would have, given the same data order.
         """
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
         checkpoint_dir = os.fspath(checkpoint_dir)
         state_path = os.path.join(checkpoint_dir, IST_STATE_FILE)
         if not os.path.isfile(state_path):
@@ -306,7 +298,12 @@ class FSDPIST:
                 raise ISTCheckpointError(f"{checkpoint_dir} was written for a model with {saved_layers} IST layers, "
                                          f"this model has {self.controller.num_layers}")
         saved = set(FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata)
+        missing = sorted(n for n, _ in self._trainable_named_params() if f"model.{n}" not in saved)
+        if missing:
+            raise ISTCheckpointError(f"{checkpoint_dir} lacks trainable parameters of this model, e.g. {missing[:3]}; "
+                                     "was it written for another model or PEFT config?")
 
+        # From here on the optimizer is rebuilt from the checkpoint; a failure leaves the run unusable.
         gate = self._gate()
         if gate is not None:
             gate.store.restore_all(self.optimizer.state)
@@ -319,13 +316,11 @@ class FSDPIST:
             model_sd = {k: v for k, v in model_sd.items() if f"model.{k}" in saved}
             optim_sd["state"] = {fqn: entry for fqn, entry in optim_sd["state"].items()
                                  if any(f"optim.state.{fqn}.{key}" in saved for key in entry)}
-            missing = {n for n, _ in self._trainable_named_params()} - set(model_sd)
-            if missing:
-                raise ISTCheckpointError(f"{checkpoint_dir} lacks trainable parameters, e.g. {sorted(missing)[:3]}; "
-                                         "was it written for another model or PEFT config?")
             dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir,
-                     planner=_SafeLoadPlanner(), process_group=self._group())
-            options = StateDictOptions(strict=False)  # base weights may be absent; dropped state is
+                     planner=SafeLoadPlanner(), process_group=self._group())
+            # strict=False: base weights (model_weights="trainable") and the optimizer state of layers
+            # that had none at the save (dropped, or never trained) are legitimately absent.
+            options = StateDictOptions(strict=False)
             set_model_state_dict(self.model, model_sd, options=options)
             set_optimizer_state_dict(self.model, self.optimizer, optim_sd, options=options)
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
@@ -410,8 +405,6 @@ def _collectives(mesh):
 
 def _shard(model: torch.nn.Module, layer_map: LayerMap, mesh, mixed_precision, activation_checkpointing: bool,
            reshard_after_forward: bool, fsdp_kwargs: dict) -> None:
-    from torch.distributed.fsdp import fully_shard
-
     kwargs = dict(fsdp_kwargs)
     kwargs["mesh"] = mesh
     kwargs.setdefault("reshard_after_forward", reshard_after_forward)
@@ -485,8 +478,6 @@ def setup(model: torch.nn.Module, ist_config: ISTConfig | Mapping[str, Any] | No
     Raises :class:`~ist_ds.errors.ISTConfigError` for a bad ``ist`` block or arguments and
     :class:`~ist_ds.errors.ISTModelError` for a model without PEFT adapters, before any sharding.
     """
-    from torch.distributed.fsdp import FSDPModule
-
     config = ist_config if isinstance(ist_config, ISTConfig) else ISTConfig.from_dict(ist_config)
     before = discover_layers(model, config.blocks_path)
     if config.enabled:
@@ -539,4 +530,4 @@ def setup(model: torch.nn.Module, ist_config: ISTConfig | Mapping[str, Any] | No
                    lr_scheduler)
 
 
-__all__ = ["setup", "FSDPIST", "ISTView", "IST_STATE_FILE"]
+__all__ = ["setup", "FSDPIST", "ISTView", "SafeLoadPlanner", "IST_STATE_FILE"]

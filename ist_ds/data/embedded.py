@@ -3,9 +3,17 @@
 Why: the default job must run on a fresh machine with no dataset files and no network, yet exercise
 the same path as the real commonsense tasks (LLM-Adapters records, "answer1..answer4" labels,
 "the correct answer is answerN" outputs). So the task is produced by a seeded generator, not
-shipped as a file, and is deliberately easy: four question families a ~100k-parameter byte-level
-model can start to solve within a few hundred steps (picking the largest / smallest digit, adding
-two small numbers, finding the option that matches a word), far from the 25% chance level.
+shipped as a file.
+
+It mixes five question families of graded difficulty, so accuracy rises in steps rather than
+jumping from chance (25%) at once: ``Select answer3.`` (copy the label), ``Which animal is a
+bird?`` (spot the odd option by its content), ``Which number is largest?`` (compare four digits),
+``What is 2 + 1?`` (single-digit sum) and ``Which option says cat?`` (match a word). Measured on
+CPU with a 99k-parameter, 2-layer byte-level Llama (d=64, batch 32, AdamW lr 3e-3,
+``train_on_inputs=True``): the copy family reached 80% at step 200 and 100% at step 300, the bird
+family 47% at step 600; the other three need longer. With ``train_on_inputs=False`` the same model
+stayed at chance for 600 steps even on the copy family (the loss then sees one informative byte per
+example), so tiny from-scratch models should train on inputs, which is also LLM-Adapters' default.
 
 Records are short: the instruction is at most ~75 bytes, so with the ~140-byte prompt template,
 the 29-byte output, BOS and EOS, every example fits in the default ``cutoff_len=256`` byte tokens.
@@ -21,8 +29,8 @@ from ist_ds.errors import ISTDataError
 EMBEDDED_TASK_NAME = "embedded"
 NUM_OPTIONS = 4
 MAX_EMBEDDED_RECORDS = 16_000
-"""Upper bound on num_train + num_test: each family has a few thousand distinct questions (the
-digit families 10*9*8*7 = 5040), and train/test must not share a question."""
+"""Upper bound on num_train + num_test. Families take turns and no question may repeat (so test
+questions are unseen), and the smallest family has 10*9*8*7 = 5040 distinct questions."""
 
 _WORDS = ("cat", "dog", "sun", "red", "cup", "box", "pen", "hat", "map", "egg", "owl", "fox")
 _BIRDS = ("owl", "hen", "jay", "emu", "auk")
