@@ -198,21 +198,21 @@ def _run(rank, world, stage, name, ist, zero_extra, steps, data, measure_saved):
         after = lora_snapshot(layer_map, stage)
         max_drift = max(max_drift, drift(before, after, trained))
 
-    # the expectation over IST's selection distribution at equal scores (every pair of 8 layers is
-    # equally likely), from one forward per selection; no backward, nothing is stepped
+    # the expectation over IST's selection distribution at equal scores (every pair of the 8 layers is
+    # equally likely): one full step per selection, forced through the controller (these extra steps
+    # come after every other measurement of the row; ZeRO-3 does not allow forwards without backward)
     exhaustive = None
     if measure_saved and ist_hook is not None and name.startswith("IST drop"):
         ctrl = ist_hook.controller
-        current = list(ctrl.selected)
         batch = common.rank_batch(data, 0, rank, world, MICRO)
         exhaustive = []
         for pair in itertools.combinations(range(layer_map.num_layers), ctrl.importance.num_train):
             ctrl._apply(list(pair))
             with SavedTensors(list(engine.module.parameters())) as saved:
-                out = engine.module(**batch)
-            del out
+                loss = engine(**batch).loss
             exhaustive.append(saved.activation_bytes)
-        ctrl._apply(current)
+            engine.backward(loss)
+            engine.step()
 
     end_live = live_state_bytes(inner.state)
     report = ist_hook.memory_report() if ist_hook is not None else None

@@ -255,7 +255,8 @@ def wait_for_master(addr: str, port: int, timeout_s: float, rank: int = 0) -> No
     about twice its timeout and reports a bare socket error; this bounds the wait and names the
     address.
     """
-    deadline = time.monotonic() + timeout_s
+    began = time.monotonic()
+    deadline = began + timeout_s
     last: Exception | None = None
     while True:
         remaining = deadline - time.monotonic()
@@ -271,7 +272,8 @@ def wait_for_master(addr: str, port: int, timeout_s: float, rank: int = 0) -> No
             last = e
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
     raise ISTLaunchError(
-        f"rank {rank} could not reach the master at {addr}:{port} within {timeout_s:g} s ({last}); check "
+        f"rank {rank} could not reach the master at {addr}:{port} within {timeout_s:g} s (waited "
+        f"{time.monotonic() - began:.1f} s; last error: {last}); check "
         "MASTER_ADDR/MASTER_PORT, that rank 0 was started, and that the port is open between the nodes "
         "(backend.dist_timeout_s sets this limit)")
 

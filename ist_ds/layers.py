@@ -369,6 +369,9 @@ def discover_full_layers(model: torch.nn.Module, blocks_path: str | None = None,
         p.requires_grad_(True)
     for _, p in outside_frozen:
         p.requires_grad_(False)
+    if any(isinstance(m, BaseTunerLayer) for m in blocks.modules()):
+        logger.warning("the blocks carry PEFT adapters; target: full trains the blocks' own parameters "
+                       "(base weights and adapter parameters alike; use target: peft to train the adapters only)")
     n_trained = sum(_numel(p) for layer in layers for _, p in layer.params)
     n_outside = sum(_numel(p) for _, p in outside)
     logger.info("full-layer IST: %d blocks at %r, %d parameters in the blocks' trained set (%s), "

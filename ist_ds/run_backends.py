@@ -9,6 +9,7 @@ controller, or None when IST is off), ``save_checkpoint(dir)``/``load_checkpoint
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -150,3 +151,73 @@ class SingleRun:
         from peft import get_peft_model_state_dict
 
         return get_peft_model_state_dict(self.model)
+
+
+def warmup_decay(total_steps: int, warmup_steps: int):
+    """Linear warm-up to 1, then linear decay to 0 at ``total_steps`` (DeepSpeed's WarmupDecayLR shape)."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return step / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+class FSDPRun:
+    def __init__(self, recipe: Recipe, model, train_dataset, collate, total_steps: int) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from ist_ds.backends.fsdp import setup
+
+        t = recipe.training
+        mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                 if recipe.model.dtype == "bfloat16" else None)
+        schedule = warmup_decay(total_steps, t.warmup_steps)
+        self.fsdp = setup(model, recipe.ist, lr=t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                          mixed_precision=mixed, activation_checkpointing=recipe.model.gradient_checkpointing,
+                          scoring_data=train_dataset, collate_fn=collate,
+                          lr_scheduler_factory=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.model = self.fsdp.model
+        self.device = self.fsdp.device
+        self.ist = self.fsdp.controller
+
+    def train_step(self, micro_batches: list[dict]) -> float:
+        total = 0.0
+        for mb in micro_batches:
+            loss = self.model(**self.fsdp.to_device(mb)).loss / len(micro_batches)
+            loss.backward()
+            total += float(loss.detach())
+        self.fsdp.step()
+        return total
+
+    def lr(self) -> float:
+        return float(self.fsdp.optimizer.param_groups[0]["lr"])
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        import torch.distributed as dist
+
+        from ist_ds.checkpoint import publish_latest
+
+        self.fsdp.save_checkpoint(os.path.join(directory, tag))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            publish_latest(directory, tag)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load_checkpoint(self, directory: str) -> int:
+        from ist_ds.checkpoint import read_latest
+
+        tag = read_latest(directory)
+        if tag is None:
+            return 0
+        self.fsdp.load_checkpoint(os.path.join(directory, tag))
+        return self.ist.step if self.ist is not None else 0
+
+    def adapter_state(self) -> dict | None:
+        """Full PEFT weights (a collective), returned on rank 0 with PEFT's adapter key names."""
+        import torch.distributed as dist
+        from peft import get_peft_model_state_dict
+
+        full = self.fsdp.full_trainable_state_dict()
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        return get_peft_model_state_dict(self.model, state_dict=full)

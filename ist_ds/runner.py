@@ -47,7 +47,8 @@ def _build_model(recipe: Recipe, tokenizer):
     from ist_ds.models import apply_peft, build_model
 
     m, p = recipe.model, recipe.peft
-    dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
+    # FSDP2 keeps fp32 parameters and computes in bf16 through its MixedPrecisionPolicy.
+    dtype = torch.bfloat16 if m.dtype == "bfloat16" and recipe.backend.name != "fsdp" else torch.float32
     if m.path:
         from transformers import AutoModelForCausalLM
 

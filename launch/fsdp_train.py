@@ -187,12 +187,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if ist is not None:
         report = run.memory_report()["optimizer_state_bytes"]
-        upcoming = set(ist.selected_layers)
         logger.info("summary after %d steps (strategy %s, optimizer state %s):", ist.step, run.config.strategy,
                     run.config.optimizer_state)
         logger.info("  layer  trained in  score (higher = less important)")
         for i, (count, score) in enumerate(zip(ist.selection_counts, ist.scores.tolist())):
-            logger.info("  %5d  %4d steps  %+.5f", i, count - (i in upcoming), score)
+            logger.info("  %5d  %4d steps  %+.5f", i, count, score)
         live = sum(v for k, v in report.items() if k.startswith("live_"))
         logger.info("  optimizer state on rank 0: %d B live, %d B offloaded to host, %d B to disk", live,
                     report.get("offloaded_host", 0), report.get("offloaded_disk", 0))

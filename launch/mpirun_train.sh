@@ -9,7 +9,8 @@
 #
 # Environment: NP (processes, default 2), HOSTFILE (Open MPI hostfile, same "host slots=N" format as
 # DeepSpeed's), PYTHON (default .venv/bin/python if present, else python), MPIRUN_ARGS (extra mpirun
-# options, e.g. "--mca btl_tcp_if_include ib0" or "--oversubscribe"). Arguments go to launch/train.py.
+# options, e.g. "--mca btl_tcp_if_include ib0" or "--oversubscribe"), ENTRY (the script each rank runs,
+# default launch/train.py). Arguments go to the script.
 # See docs/launch.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,4 +34,4 @@ for name in $(compgen -e); do
   esac
 done
 # shellcheck disable=SC2086  # MPIRUN_ARGS is a list of options
-exec mpirun "${args[@]}" ${MPIRUN_ARGS:-} "$PYTHON" launch/train.py "$@"
+exec mpirun "${args[@]}" ${MPIRUN_ARGS:-} "$PYTHON" "${ENTRY:-launch/train.py}" "$@"

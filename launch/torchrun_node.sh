@@ -8,7 +8,8 @@
 # node's is customary) and agree on the node ranks themselves. Environment: NNODES (default 1),
 # NPROC_PER_NODE (default: the GPUs here, else 2), RDZV_ENDPOINT (default 127.0.0.1:29400),
 # RDZV_ID (default ist-ds; use a fresh one per job), LOCAL_ADDR (this node's address as the other
-# nodes reach it; default: torchrun looks it up), PYTHON. Arguments go to launch/train.py.
+# nodes reach it; default: torchrun looks it up), TORCHRUN_ARGS (more torchrun options), PYTHON, ENTRY
+# (the script each rank runs, default launch/train.py). Arguments go to the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,4 +22,6 @@ fi
 args=(--nnodes "${NNODES:-1}" --nproc_per_node "$NPROC_PER_NODE" --rdzv_backend c10d
       --rdzv_endpoint "${RDZV_ENDPOINT:-127.0.0.1:29400}" --rdzv_id "${RDZV_ID:-ist-ds}")
 [ -n "${LOCAL_ADDR:-}" ] && args+=(--local_addr "$LOCAL_ADDR")
-exec "$PYTHON" -m torch.distributed.run "${args[@]}" launch/train.py "$@"
+# shellcheck disable=SC2206  # TORCHRUN_ARGS is a list of options
+args+=(${TORCHRUN_ARGS:-})
+exec "$PYTHON" -m torch.distributed.run "${args[@]}" "${ENTRY:-launch/train.py}" "$@"

@@ -223,6 +223,8 @@ def test_freezing_and_optimizer_state_modes(mode_runs):
         assert [h[0] for h in r0[key]["history"]] == [h[0] for h in r1[key]["history"]]
         assert all(torch.equal(a[1], b[1]) for a, b in zip(r0[key]["history"], r1[key]["history"]))
         assert all(len(h[0]) == TRAIN_LAYERS for h in r0[key]["history"])
+        tally = [sum(i in h[0] for h in r0[key]["history"]) for i in range(NUM_LAYERS)]
+        assert r0[key]["counts"] == tally  # steps each layer was trained in
     keep = r0["keep-host"]
     for key in ("offload-host", "offload-disk"):
         other = r0[key]

@@ -372,6 +372,19 @@ def _train_full(rank, world, cfg, steps, data):
         history.append((selected, ist.scores.clone()))
     out = {"history": history, "final": _gathered(engine, stage), "report": ist.memory_report(),
            "never": sorted(never), "outside": sorted(outside_names)}
+    if stage == 3 and mode == "keep":  # residual suppression through ZeRO-3's own module hooks
+        import dataclasses
+
+        residual = dataclasses.replace(lm, full_suppression="residual")
+        batch = default_collate(data[:MICRO])
+        engine.module.eval()
+        with torch.no_grad():
+            clean = engine.module(**batch).logits
+            with suppress(residual, [0, 2], 0.25):
+                damped = engine.module(**batch).logits
+            again = engine.module(**batch).logits
+        out["residual"] = (torch.equal(clean, again), torch.equal(clean, damped))
+        assert _same_params(out["final"], _gathered(engine, stage))
     engine.destroy()
     return out
 
@@ -400,6 +413,7 @@ def test_full_mode_zero(stage, tmp_path):
         assert "model.embed_tokens.weight" in keep["never"] and "model.layers.0.input_layernorm.weight" in keep["never"]
     else:
         assert keep["outside"] == ["lm_head.weight"]
+        assert keep["residual"] == (True, False)  # exact restore; the damped forward differs
     for key in (k for k in r0 if k.startswith("offload")):
         assert [h[0] for h in r0[key]["history"]] == [h[0] for h in keep["history"]]
         assert _same_params(keep["final"], r0[key]["final"]), f"{key} differs from keep"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 
 import pytest
 import torch
@@ -117,39 +118,63 @@ def _probe_class():
     return Probe
 
 
-def _run(rank, world, stage, out_dir, resume_from=None):
+def _cpu_fsdp_accelerator_config():
+    """accelerate turns FSDP on only for accelerator devices; on this CPU-only machine the process
+    state is set up over gloo and labelled multi-device, so that Trainer's FSDP2 path runs unchanged."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState(cpu=True).distributed_type = DistributedType.MULTI_GPU
+    return {"use_configured_state": True}
+
+
+def _run(rank, world, backend, out_dir, resume_from=None, stage=2, steps=STEPS, save_at=SAVE_AT, **extra):
     from transformers import TrainingArguments
 
     from ist_ds.integrations import ISTTrainer, init_cpu_deepspeed
 
+    kwargs, ist_config = {}, None
+    if backend == "deepspeed":
+        kwargs.update(deepspeed=ds_config(stage), accelerator_config=init_cpu_deepspeed())
+    else:
+        ist_config = {**ds_config(2)["ist"], "optimizer_state": "offload"}
+        kwargs.update(use_cpu=True)
+        if backend == "fsdp":
+            kwargs.update(fsdp=True, accelerator_config=_cpu_fsdp_accelerator_config(),
+                          fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
+                                       "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                       "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+    kwargs.update(extra)
     args = TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=MICRO, per_device_eval_batch_size=4,
-        gradient_accumulation_steps=GRAD_ACC, max_steps=STEPS, learning_rate=1e-2, weight_decay=0.1,
-        max_grad_norm=1.0, logging_steps=3, eval_strategy="steps", eval_steps=SAVE_AT, save_strategy="steps",
-        save_steps=SAVE_AT, load_best_model_at_end=True, report_to="none", disable_tqdm=True, seed=0,
-        deepspeed=ds_config(stage), accelerator_config=init_cpu_deepspeed(),
+        gradient_accumulation_steps=GRAD_ACC, max_steps=steps, learning_rate=1e-2, weight_decay=0.1,
+        max_grad_norm=1.0, logging_steps=3, eval_strategy="steps", eval_steps=save_at, save_strategy="steps",
+        save_steps=save_at, load_best_model_at_end=True, disable_tqdm=True, seed=0, **kwargs,
     )
     probe = _probe_class()()
     trainer = ISTTrainer(model=make_model(), args=args, train_dataset=make_data(96, 1),
-                         eval_dataset=make_data(8, 2), callbacks=[probe])
+                         eval_dataset=make_data(8, 2), callbacks=[probe], ist_config=ist_config)
     probe.trainer = trainer
     trainer.train(resume_from_checkpoint=resume_from)
-    ist_logs = [h for h in trainer.state.log_history if "loss" in h]
+    optimizer = trainer.model_wrapped.basic_optimizer if backend == "deepspeed" else trainer.optimizer
     return {
         "history": probe.history,
         "final": probe.final,
         "state": trainer.ist.state_dict(),
-        "groups": [g.get("ist_layer") for g in trainer.model_wrapped.basic_optimizer.param_groups],
-        "logs": ist_logs,
+        "groups": [g.get("ist_layer") for g in optimizer.param_groups],
+        "logs": [h for h in trainer.state.log_history if "loss" in h],
+        "fsdp": trainer.is_fsdp_enabled,
     }
 
 
-def _stage(rank, world, stage, tmp):
-    import torch.distributed as dist
+def _run_and_resume(rank, world, backend, tmp, **kwargs):
+    first = _run(rank, world, backend, f"{tmp}/a", **kwargs)
+    if world > 1:
+        import torch.distributed as dist
 
-    first = _run(rank, world, stage, f"{tmp}/a")
-    dist.barrier()
-    resumed = _run(rank, world, stage, f"{tmp}/b", resume_from=f"{tmp}/a/checkpoint-{SAVE_AT}")
+        dist.barrier()
+    resumed = _run(rank, world, backend, f"{tmp}/b", resume_from=f"{tmp}/a/checkpoint-{SAVE_AT}", **kwargs)
     return {"first": first, "resumed": resumed}
 
 
@@ -165,9 +190,8 @@ def _assert_same_state(a, b):
             assert a[key] == b[key], (key, a[key], b[key])
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_trainer_deepspeed_freezing_agreement_and_resume(stage, tmp_path):
-    r0, r1 = run_ranks(_stage, 2, stage, str(tmp_path))
+def _check_run_and_resume(results, tmp_path, adapter=True):
+    r0, r1 = results
     first = r0["first"]
     # every optimizer step was checked, on both ranks, and the ranks agree
     assert [h[0] for h in first["history"]] == list(range(1, STEPS + 1))
@@ -178,19 +202,19 @@ def test_trainer_deepspeed_freezing_agreement_and_resume(stage, tmp_path):
     assert not torch.equal(first["history"][-1][2], torch.zeros(NUM_LAYERS)), "the scores never moved"
     _assert_same_state(first["state"], r1["first"]["state"])
     assert first["state"]["step"] == STEPS
-    # per-layer groups reached the optimizer DeepSpeed steps
+    # the per-layer param groups reached the optimizer that is stepped
     assert set(first["groups"]) == set(range(NUM_LAYERS))
 
-    # the checkpoint: IST state, adapter weights of every layer
+    # the checkpoint: IST state (plain data), adapter weights of every layer (unselected ones included)
     ckpt = tmp_path / "a" / f"checkpoint-{SAVE_AT}"
     saved = torch.load(ckpt / "ist_state.pt", weights_only=True)
     assert saved["step"] == SAVE_AT
-    from safetensors.torch import load_file
+    if adapter:
+        from safetensors.torch import load_file
 
-    adapter = load_file(str(ckpt / "adapter_model.safetensors"))
-    lora = [k for k in adapter if "lora_" in k]
-    assert {int(k.split("layers.")[1].split(".")[0]) for k in lora} == set(range(NUM_LAYERS))
-    assert len(lora) == NUM_LAYERS * 5 * 2
+        lora = [k for k in load_file(str(ckpt / "adapter_model.safetensors")) if "lora_" in k]
+        assert {int(k.split("layers.")[1].split(".")[0]) for k in lora} == set(range(NUM_LAYERS))
+        assert len(lora) == NUM_LAYERS * 5 * 2
 
     # resumed run = uninterrupted run
     resumed = r0["resumed"]
@@ -208,3 +232,85 @@ def test_trainer_deepspeed_freezing_agreement_and_resume(stage, tmp_path):
     assert len(logs) == STEPS // 3
     assert f"ist/score/layer_{NUM_LAYERS - 1}" in logs[-1] and "ist/trained/layer_0" in logs[-1]
     assert sum(logs[0][f"ist/trained/layer_{i}"] for i in range(NUM_LAYERS)) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_deepspeed_freezing_agreement_and_resume(stage, tmp_path):
+    results = run_ranks(_run_and_resume, 2, "deepspeed", str(tmp_path), stage=stage)
+    _check_run_and_resume(results, tmp_path)
+
+
+def test_trainer_fsdp2_freezing_agreement_and_resume(tmp_path):
+    results = run_ranks(_run_and_resume, 2, "fsdp", str(tmp_path))
+    assert results[0]["first"]["fsdp"]
+    _check_run_and_resume(results, tmp_path, adapter=False)  # FSDP saves the model sharded
+
+
+# ---------------------------------------------------------------------- no distributed run needed
+def test_read_ist_config():
+    from ist_ds.core import ISTConfig
+    from ist_ds.errors import ISTConfigError
+    from ist_ds.integrations import read_ist_config
+
+    block = {"train_layers": 2, "seed": 3}
+    assert read_ist_config({"ist": block}) == ISTConfig.from_dict(block)
+    assert read_ist_config(None, block) == ISTConfig.from_dict(block)
+    assert read_ist_config({"ist": block}, dict(block)) == ISTConfig.from_dict(block)
+    assert not read_ist_config({"zero_optimization": {"stage": 2}}).enabled
+    assert not read_ist_config(None, None).enabled
+    with pytest.raises(ISTConfigError, match="twice"):
+        read_ist_config({"ist": block}, {"train_layers": 3})
+    with pytest.raises(ISTConfigError, match="unknown key"):
+        read_ist_config({"ist": {"train_layer": 2}})
+
+
+def test_regroup_keeps_the_trainers_groups():
+    from accelerate.utils import DummyOptim
+
+    from ist_ds.integrations.hf_trainer import _regroup_by_layer
+    from ist_ds.layers import discover_layers
+
+    model = make_model()
+    layer_map = discover_layers(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay, no_decay = params[::2], params[1::2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                   {"params": no_decay, "weight_decay": 0.0, "lr": 5e-3}], lr=1e-2)
+    _regroup_by_layer(optimizer, layer_map)
+    groups = optimizer.param_groups
+    assert {g["ist_layer"] for g in groups} == set(range(NUM_LAYERS))
+    assert len(groups) == 2 * NUM_LAYERS
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert sorted(by_id) == sorted(id(p) for p in params)
+    assert all(by_id[id(p)]["weight_decay"] == 0.1 and by_id[id(p)]["lr"] == 1e-2 for p in decay)
+    assert all(by_id[id(p)]["weight_decay"] == 0.0 and by_id[id(p)]["lr"] == 5e-3 for p in no_decay)
+    for group in groups:
+        layer = {id(p) for _, p in layer_map.layers[group["ist_layer"]].params}
+        assert all(id(p) in layer for p in group["params"])
+    _regroup_by_layer(optimizer, layer_map)  # idempotent
+    assert len(optimizer.param_groups) == 2 * NUM_LAYERS
+
+    dummy = DummyOptim(params=params)  # an optimizer named in the DeepSpeed config
+    _regroup_by_layer(dummy, layer_map)
+    assert {g["ist_layer"] for g in dummy.params} == set(range(NUM_LAYERS))
+
+
+def _single_process_tensorboard(rank, world, tmp):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = _run(rank, world, "single", f"{tmp}/single", steps=6, save_at=3, report_to="tensorboard")
+    (events,) = [os.path.join(d, f) for d, _, files in os.walk(f"{tmp}/single/runs") for f in files
+                 if "tfevents" in f]
+    accumulator = EventAccumulator(events)
+    accumulator.Reload()
+    return run, accumulator.Tags()["scalars"]
+
+
+def test_single_process_and_tensorboard_scalars(tmp_path):
+    """One process, no DeepSpeed: freezing checked at every step; IST scalars reach TensorBoard."""
+    (result,) = run_ranks(_single_process_tensorboard, 1, str(tmp_path))
+    run, tags = result
+    assert [h[0] for h in run["history"]] == list(range(1, 7))
+    assert {f"train/ist/score/layer_{i}" for i in range(NUM_LAYERS)} <= set(tags)
+    assert {f"train/ist/trained/layer_{i}" for i in range(NUM_LAYERS)} <= set(tags)
+    assert (tmp_path / "single" / "checkpoint-3" / "ist_state.pt").is_file()

@@ -105,7 +105,7 @@ class ISTView:
 
     @property
     def selection_counts(self) -> list[int]:
-        """How many steps each layer has been selected for (including the current one)."""
+        """How many optimizer steps each layer has been trained in."""
         return list(self.controller.selection_counts)
 
     def memory_report(self) -> dict:

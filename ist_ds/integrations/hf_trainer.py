@@ -124,6 +124,10 @@ def init_cpu_deepspeed(backend: str = "gloo") -> dict:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
+    world = int(os.environ["WORLD_SIZE"])
+    shared = PartialState._shared_state
+    if shared and (shared.get("distributed_type") != DistributedType.DEEPSPEED or shared.get("num_processes") != world):
+        AcceleratorState._reset_state(reset_partial_state=True)  # as TrainingArguments itself would
     if not PartialState._shared_state:
         previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
@@ -135,11 +139,9 @@ def init_cpu_deepspeed(backend: str = "gloo") -> dict:
             else:
                 os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
     state = PartialState()
-    if state.distributed_type != DistributedType.DEEPSPEED:
-        raise RuntimeError(f"accelerate's process state was already set up for {state.distributed_type}, "
-                           "not DeepSpeed; call init_cpu_deepspeed() before anything else creates it")
-    if state.num_processes != int(os.environ["WORLD_SIZE"]):
-        raise RuntimeError(f"accelerate counts {state.num_processes} processes, WORLD_SIZE is {os.environ['WORLD_SIZE']}")
+    if state.distributed_type != DistributedType.DEEPSPEED or state.num_processes != world:
+        raise RuntimeError(f"accelerate set up {state.distributed_type} with {state.num_processes} processes, "
+                           f"expected DeepSpeed with WORLD_SIZE={world}")
     AcceleratorState._reset_state(reset_partial_state=False)
     return {"use_configured_state": True}
 
@@ -389,16 +391,44 @@ class ISTTrainerMixin:
             gate.select(controller.selected)
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
-        if self._ist_active and self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial) if hasattr(self, "_get_output_dir") else self.args.output_dir
-            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, IST_STATE_NAME)
-            tmp = f"{path}.tmp{os.getpid()}"
-            torch.save(self.ist.state_dict(), tmp)
-            os.replace(tmp, path)  # a checkpoint never holds a half-written IST state
         with self._ist_full_view():
+            if self._ist_active and self.args.should_save:
+                run_dir = self._get_output_dir(trial=trial) if hasattr(self, "_get_output_dir") else self.args.output_dir
+                self._ist_save(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
             return super()._save_checkpoint(model, trial, *args, **kwargs)
+
+    def _ist_save(self, folder: str) -> None:
+        """Write ``ist_state.pt``: the controller's state, plus which layers the optimizer holds no state for."""
+        gate = self.ist.gate
+        state = self.ist.state_dict()
+        state["trainer"] = {"layers_without_optimizer_state": [
+            layer for layer in gate.all_layers
+            if not any(t in gate.optimizer.state and gate.optimizer.state[t] for t in gate.masters(layer))]}
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, IST_STATE_NAME)
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a checkpoint never holds a half-written IST state
+
+    def _load_optimizer_and_scheduler(self, checkpoint, *args, **kwargs):
+        # torch.distributed.checkpoint (FSDP2) refuses to load an optimizer state dict that lacks the
+        # state of a parameter requiring grad; layers IST never trained (or dropped) have none. Such
+        # parameters are marked frozen while the optimizer loads, so their state is left empty.
+        layers = []
+        if checkpoint is not None and self.ist_config.enabled and getattr(self, "is_fsdp_enabled", False):
+            path = os.path.join(checkpoint, IST_STATE_NAME)
+            if os.path.isfile(path):
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                layers = list((saved.get("trainer") or {}).get("layers_without_optimizer_state", []))
+        params = self._ist_layer_map(self.model).parameters_of(layers) if layers else []
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint, *args, **kwargs)
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
 
     def save_model(self, *args, **kwargs):
         with self._ist_full_view():
