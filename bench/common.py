@@ -26,6 +26,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# DeepSpeed JIT-builds its CPU collective op into TORCH_EXTENSIONS_DIR. Checkouts with different venvs
+# that share the default directory rebuild it on every process start (the include paths differ, so
+# the build files flip between them), and a rank waits on the build lock for a minute or more. The
+# benchmarks therefore build into a directory of their own per venv (built once, ~1 minute).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
+    os.path.expanduser("~"), ".cache", "torch_extensions_ist_bench",
+    __import__("hashlib").sha1(sys.prefix.encode()).hexdigest()[:10]))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -141,11 +148,41 @@ def _child(fn, rank, world, port, queue, args):
             pass
 
 
+_T0 = None
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr (the tables go to stdout)."""
+    global _T0
+    import time
+
+    if _T0 is None:
+        _T0 = time.perf_counter()
+    rank = os.environ.get("RANK", "-")
+    print(f"[{time.perf_counter() - _T0:7.1f}s rank {rank}] {msg}", file=sys.stderr, flush=True)
+
+
+def preload_ops() -> None:
+    """Load DeepSpeed's CPU shared-memory collective op once in the parent.
+
+    Every ``deepspeed.init_distributed`` on the CPU accelerator loads (and JIT-checks) this op; done in
+    each forked rank it costs 20-40 s per rank, done once here the forks inherit the loaded module.
+    """
+    try:
+        from deepspeed.comm.torch import build_shm_op
+
+        build_shm_op()
+    except Exception as exc:  # noqa: BLE001 - the ranks will load it themselves
+        log(f"could not preload the shm collective op: {exc}")
+
+
 def run_ranks(fn, world: int, *args, timeout: float = 1200) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` forked CPU ranks; the results by rank."""
     import deepspeed  # noqa: F401  (imported once in the parent, inherited by the forks)
     import peft  # noqa: F401
     import transformers  # noqa: F401
+
+    preload_ops()
 
     ctx = mp.get_context("fork")
     queue = ctx.Queue()

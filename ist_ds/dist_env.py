@@ -21,13 +21,16 @@ the address, instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
+import threading
 import time
 
 from ist_ds.errors import ISTError
@@ -308,12 +311,15 @@ def init_distributed(framework: str = "torch", backend: str | None = None,
     if world > 1 and (rank != 0 or agent_store):
         wait_for_master(addr, int(port), timeout_s, rank)
     try:
-        if framework == "deepspeed":
-            import deepspeed
+        with _deadline(timeout_s + 30, f"rank {rank} of {world} did not finish joining the job (master {addr}:{port})"):
+            if framework == "deepspeed":
+                import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
-        else:
-            dist.init_process_group(backend, timeout=timeout)
+                deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+            else:
+                dist.init_process_group(backend, timeout=timeout)
+    except ISTLaunchError:
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised with the address that failed
         took = time.monotonic() - start
         raise ISTLaunchError(
@@ -322,6 +328,44 @@ def init_distributed(framework: str = "torch", backend: str | None = None,
             "ranks were started with the same MASTER_ADDR/MASTER_PORT and world size, and that every node can "
             "reach the master (backend.dist_timeout_s sets this limit)") from e
     return rank, world, local
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, what: str):
+    """Raise :class:`ISTLaunchError` in the main thread if the block runs longer than ``seconds``.
+
+    The network waits have their own timeouts; this catches the rest, e.g. a JIT-built DeepSpeed op
+    whose build lock was left behind by a killed process (every later load then waits forever). Only
+    armed in the main thread and when nobody else handles SIGALRM.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None)):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise ISTLaunchError(f"{what} within {seconds:g} s; it was stuck in {_where(frame)}")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _where(frame) -> str:
+    """Where a stuck main thread is, with the fix when it waits on a stale torch-extension build lock."""
+    here = f"{frame.f_code.co_filename}:{frame.f_lineno} ({frame.f_code.co_name})" if frame else "an unknown place"
+    while frame is not None:
+        baton = frame.f_locals.get("self") if frame.f_code.co_name == "wait" else None
+        lock = getattr(baton, "lock_file_path", None)
+        if lock:
+            return (f"{here}, waiting for the build lock {lock} of a JIT-compiled op. If no other process is "
+                    f"building it, a killed process left the lock behind: delete {lock} and start again")
+        frame = frame.f_back
+    return here
 
 
 def init_process_group(backend: str | None = None, timeout_s: int = 600) -> tuple[int, int, int]:

@@ -330,8 +330,8 @@ def discover_full_layers(model: torch.nn.Module, blocks_path: str | None = None,
         if unused:
             example = ", ".join(n[len(per_block[0][0]):] for n, _ in (per_block[0][2] + per_block[0][3])[:6])
             raise ISTConfigError(
-                f"full_params entr{'y matches' if len(unused) == 1 else 'ies match'} {', '.join(map(repr, unused))}: no "
-                f"parameter of the transformer blocks has such a name (names are relative to a block, e.g. {example})"
+                f"full_params: no parameter of the transformer blocks has a name containing "
+                f"{' or '.join(map(repr, unused))} (names are relative to a block, e.g. {example})"
             )
 
     # Decide everything before changing anything: a bad entry leaves the model as it was.
@@ -350,10 +350,10 @@ def discover_full_layers(model: torch.nn.Module, blocks_path: str | None = None,
     if outside_patterns is not None:
         unused = [x for x in outside_patterns if x not in outside_used]
         if unused:
+            listed = ", ".join(outside_names[:8]) + (" ..." if len(outside_names) > 8 else "")
             raise ISTConfigError(
-                f"train_outside entr{'y matches' if len(unused) == 1 else 'ies match'} {', '.join(map(repr, unused))}: no "
-                f"parameter outside the transformer blocks has such a name (those are: {', '.join(outside_names[:8])}"
-                f"{' ...' if len(outside_names) > 8 else ''})"
+                f"train_outside: no parameter outside the transformer blocks has a name containing "
+                f"{' or '.join(map(repr, unused))} (those parameters are: {listed or 'none'})"
             )
 
     layers: list[ISTLayer] = []

@@ -166,47 +166,77 @@ def plot_loss(runs: list[RunData], path: str) -> str | None:
     if not any(run.scalars.get("train/loss") or run.summary.get("train_losses") for run in runs):
         return None
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    any_eval = False
     for run, color in zip(runs, _colors(len(runs))):
         steps, values = run.series("train/loss")
         if not steps and run.summary.get("train_losses"):
             steps, values = zip(*run.summary["train_losses"])
         ax.plot(steps, values, color=color, linewidth=1.8, marker="o", markersize=3, label=_legend_label(run))
         e_steps, e_values = run.series("eval/loss")
+        if not e_steps and run.summary.get("eval_loss") is not None and run.summary.get("steps"):
+            e_steps, e_values = [run.summary["steps"]], [run.summary["eval_loss"]]
         if e_steps:
-            ax.plot(e_steps, e_values, color=color, linestyle="--", marker="D", markersize=5,
-                    label=f"{run.label}: held-out loss")
+            any_eval = True
+            ax.plot(e_steps, e_values, color=color, linestyle=":", marker="D", markersize=6,
+                    markeredgecolor="black", markeredgewidth=0.6)
+    handles, labels = ax.get_legend_handles_labels()
+    if any_eval:
+        handles.append(Line2D([], [], color="grey", linestyle=":", marker="D", markeredgecolor="black",
+                              markeredgewidth=0.6))
+        labels.append("held-out loss (same colour)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (token mean)")
     ax.set_title("Training loss (mean over each logging window, all ranks)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(handles, labels)
     return _save(fig, path)
 
 
 def plot_selection(runs: list[RunData], path: str) -> str | None:
-    """Per layer, the fraction of steps it was trained in (one bar per run)."""
-    rows = []
-    for run in runs:
+    """Per layer, the fraction of steps it was trained in (one bar per run).
+
+    Runs that trained every layer in every step (uniform PEFT) are not drawn as bars, which would
+    dwarf the others, but named in the legend.
+    """
+    rows, every_step = [], []
+    for run, color in zip(runs, _colors(len(runs))):
         counts, steps = _selection_counts(run)
-        if counts:
-            rows.append((run, [c / steps for c in counts] if steps else counts))
-    if not rows:
+        if not counts or not steps:
+            continue
+        fractions = [c / steps for c in counts]
+        (every_step if all(f >= 1.0 for f in fractions) else rows).append((run, fractions, color))
+    if not rows and not every_step:
         return None
     plt = _pyplot()
-    num_layers = max(len(r[1]) for r in rows)
-    fig, ax = plt.subplots(figsize=(max(8, 0.45 * num_layers * len(rows) + 2), 4.5), layout="constrained")
-    width = 0.8 / len(rows)
-    for j, ((run, fractions), color) in enumerate(zip(rows, _colors(len(runs)))):
+    from matplotlib.patches import Patch
+
+    num_layers = max(len(r[1]) for r in rows + every_step)
+    fig, ax = plt.subplots(figsize=(min(16, max(8, 0.3 * num_layers * max(len(rows), 1) + 3)), 4.5),
+                           layout="constrained")
+    width = 0.8 / max(len(rows), 1)
+    for j, (run, fractions, color) in enumerate(rows):
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(fractions))]
         ax.bar(xs, fractions, width=width, color=color, label=_legend_label(run))
+    if rows:
+        # Every sparse run trains N_u of L layers per step: the mean fraction is N_u / L.
+        mean = sum(rows[0][1]) / len(rows[0][1])
+        ax.axhline(mean, color="black", linestyle="--", linewidth=1, label=f"N_u / L = {mean:.3g}")
+        ax.set_ylim(0, min(1.05, max(max(f) for _, f, _ in rows) * 1.35))
+    else:
+        ax.set_ylim(0, 1.05)
+    handles, labels = ax.get_legend_handles_labels()
+    for run, _, color in every_step:
+        handles.append(Patch(color=color, alpha=0.5))
+        labels.append(f"{_legend_label(run)}: every layer, every step (1.0)")
     ax.set_xticks(range(num_layers))
     ax.set_xlabel("transformer layer")
     ax.set_ylabel("fraction of optimizer steps trained")
-    ax.set_ylim(0, 1.05)
     ax.set_title("How often each layer was trained")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(handles, labels, loc="upper right", ncols=2 if len(handles) > 3 else 1)
     return _save(fig, path)
 
 

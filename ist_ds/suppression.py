@@ -36,7 +36,9 @@ named blocks:
    parameters are gathered once more). ``scale == 0`` returns ``base`` itself. Hooks are removed on exit.
 
 Nothing here writes parameter data: parameters may be partitioned by ZeRO-3 or sharded by FSDP, and
-scoring must leave the model bit-identical. (Except the opt-in full-mode ``delta`` rule below.)
+scoring must leave the model bit-identical (the opt-in full-mode ``delta`` rule below is the one
+exception). ``scale == 1`` is a no-op. Merged adapters cannot be damped (their delta is inside the
+base weight) and raise ``ISTModelError``.
 
 Full mode (``target: full``, docs/full_mode.md): a block has no adapter to damp, so one of two rules
 applies to every block of the suppression set, chosen by the layer map (``full_suppression``):
@@ -53,8 +55,7 @@ applies to every block of the suppression set, chosen by the layer map (``full_s
    exit. This damps the fine-tuning delta only, as PEFT mode does. It writes parameter data (under
    ZeRO-3 through ``deepspeed.zero.GatheredParameters`` with ``modifier_rank=0``, a collective every rank
    runs in the same order) and holds ``W0`` of every trained block plus ``W`` of the suppressed blocks
-   in host memory. Not available on FSDP2-sharded models. ``scale == 1`` is a no-op. Merged adapters cannot be damped
-(their delta is inside the base weight) and raise ``ISTModelError``.
+   in host memory. Not available on FSDP2-sharded models.
 """
 
 from __future__ import annotations
@@ -199,6 +200,9 @@ def suppress_delta(layer_map: LayerMap, layer_indices: Iterable[int], scale: flo
 @contextmanager
 def suppress(layer_map: LayerMap, layer_indices: Iterable[int], scale: float) -> Iterator[None]:
     """Damp the PEFT output of every tuner module in the layers ``layer_indices`` by ``scale``.
+
+    For a full-mode layer map (``layer_map.target == "full"``) the blocks themselves are damped instead,
+    by rule 3 (``residual``) or rule 4 (``delta``) of the module docstring.
 
     See the module docstring for how each tuner type is damped. Everything is restored bit-exactly on
     exit, also when the body raises.

@@ -81,8 +81,11 @@ def _layer_params(trainer):
 
     params = [[p for _, p in layer.params] for layer in trainer.ist.layer_map.layers]
     flat = [p for ps in params for p in ps]
+    def full(p):  # FSDP2 shards parameters as DTensors; full_tensor() gathers them (on every rank)
+        return p.full_tensor() if hasattr(p, "full_tensor") else p
+
     with deepspeed.zero.GatheredParameters(flat, enabled=hasattr(flat[0], "ds_id")):
-        return [[p.detach().clone() for p in ps] for ps in params]
+        return [[full(p).detach().clone() for p in ps] for ps in params]
 
 
 def _same(a, b):

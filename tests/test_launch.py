@@ -197,6 +197,22 @@ def test_discover_errors(env, needle):
         discover(env)
 
 
+def test_stuck_join_is_reported_with_the_stale_build_lock(tmp_path):
+    """A process killed while loading a JIT-built DeepSpeed op leaves its build lock behind, and every later
+    load waits forever; joining the job is bounded and names the lock to delete."""
+    from torch.utils.file_baton import FileBaton
+
+    from ist_ds.dist_env import _deadline
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    t0 = time.monotonic()
+    with pytest.raises(ISTLaunchError, match=f"build lock {re.escape(str(lock))}.*delete"):
+        with _deadline(1.0, "rank 0 of 2 did not finish joining the job"):
+            FileBaton(str(lock), wait_seconds=0.05).wait()
+    assert time.monotonic() - t0 < 10
+
+
 def test_mpi4py_agrees_on_master_under_mpirun(tmp_path):
     """mpirun without MASTER_ADDR/PORT: the ranks agree via mpi4py; one host means 127.0.0.1."""
     probe = ("import json, sys, types; pkg = types.ModuleType('ist_ds'); pkg.__path__ = ['ist_ds']; "

@@ -134,7 +134,7 @@ def _launch(out, port, *extra):
     cmd = [os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "launch/train.py",
            "--config", "configs/quickstart.yaml", "--set", f"output_dir={out}", "--set", "training.max_steps=40",
            "--set", "training.save_every=5", "--set", "training.log_every=5", "--set", "data.max_eval_examples=8",
-           "--set", "backend.dist_timeout_s=60", *extra]
+           "--set", "backend.dist_timeout_s=300", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

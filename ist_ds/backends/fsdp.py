@@ -3,7 +3,7 @@
 What :func:`setup` does, in order:
 
 1. validates the ``ist`` block (the same schema and errors as the DeepSpeed backend's) against the
-   model's transformer blocks, found with :func:`~ist_ds.layers.discover_layers`;
+   model's transformer blocks, found with :func:`~ist_ds.layers.discover_for` (PEFT or full mode);
 2. optionally applies activation checkpointing to every block (``torch.distributed._composable
    .checkpoint``, which keeps parameter names unchanged);
 3. calls ``fully_shard`` on every transformer block, then on the root, over a 1-D device mesh
@@ -61,7 +61,7 @@ from ist_ds.collectives import LocalCollectives, TorchCollectives
 from ist_ds.controller import ISTController
 from ist_ds.core import ISTConfig
 from ist_ds.errors import ISTCheckpointError, ISTConfigError, ISTModelError
-from ist_ds.layers import LayerMap, discover_layers
+from ist_ds.layers import LayerMap, discover_for
 from ist_ds.optimizer_gate import LAYER_KEY, OptimizerGate
 from ist_ds.optimizer_state import live_state_bytes
 from ist_ds.param_groups import layer_param_groups
@@ -479,7 +479,7 @@ def setup(model: torch.nn.Module, ist_config: ISTConfig | Mapping[str, Any] | No
     :class:`~ist_ds.errors.ISTModelError` for a model without PEFT adapters, before any sharding.
     """
     config = ist_config if isinstance(ist_config, ISTConfig) else ISTConfig.from_dict(ist_config)
-    before = discover_layers(model, config.blocks_path)
+    before = discover_for(model, config)
     if config.enabled:
         config.resolve(before.num_layers)
         if config.strategy == "ist" and scoring_data is None:
@@ -499,7 +499,7 @@ def setup(model: torch.nn.Module, ist_config: ISTConfig | Mapping[str, Any] | No
     else:
         _shard(model, before, mesh, mixed_precision, activation_checkpointing, reshard_after_forward, fsdp_kwargs)
 
-    layer_map = discover_layers(model, before.blocks_path)
+    layer_map = discover_for(model, config.replace(blocks_path=before.blocks_path))
     if [n for layer in layer_map.layers for n, _ in layer.params] != \
             [n for layer in before.layers for n, _ in layer.params]:
         raise ISTModelError("the trainable parameters changed names or order under fully_shard; "
