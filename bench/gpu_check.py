@@ -110,6 +110,7 @@ def _run_variant(name, ist_block, model_cfg, device, dtype, data, batch, steps, 
     from ist_ds.optimizer_state import live_state_bytes
     from ist_ds.trainer import SingleProcessTrainer
 
+    allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     model = _build(model_cfg, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -157,6 +158,7 @@ def _run_variant(name, ist_block, model_cfg, device, dtype, data, batch, steps, 
     upd_mean = sum(update_s) / len(update_s) if update_s else None
     report = ctrl.memory_report() if ctrl is not None else {}
     out = {
+        "memory_allocated_before_build": allocated_before,
         "params": n_params, "trainable_params": n_train, "weight_bytes": weight_bytes,
         "max_memory_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "memory_allocated_after_warmup": base_alloc if device.type == "cuda" else None,
@@ -174,10 +176,7 @@ def _run_variant(name, ist_block, model_cfg, device, dtype, data, batch, steps, 
     print(f"{name:12s} peak {_gib(out['max_memory_allocated'])} GiB, optimizer state {out['optimizer_state_live_bytes_peak_sampled'] / 2**20:.1f} MiB, "
           f"median step {med:.4f} s, update {upd_mean if upd_mean is None else round(upd_mean, 4)} s, "
           f"{out['measured_steps']} steps", flush=True)
-    del trainer, model, ctrl, inner
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    inner.step = gated_step  # break the closure cycle so the model can be freed
     return out
 
 
@@ -228,6 +227,9 @@ def main(argv=None) -> int:
         deadline = time.perf_counter() + max(10.0, left / (len(args.variants) - k))
         results[name] = _run_variant(name, VARIANTS[name], model_cfg, device, dtype, data, args.batch,
                                      steps, args.warmup, deadline)
+        gc.collect()  # the variant's model, optimizer and activations go before the next one is built
+        if cuda:
+            torch.cuda.empty_cache()
 
     ratios = {}
     if "uniform" in results:

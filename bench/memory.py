@@ -216,6 +216,9 @@ def _run(rank, world, stage, name, ist, zero_extra, steps, data, measure_saved):
 
     end_live = live_state_bytes(inner.state)
     report = ist_hook.memory_report() if ist_hook is not None else None
+    if report is not None:  # memory_report() reads the same optimizer state
+        live = {k[len("live_"):]: v for k, v in report["optimizer_state_bytes"].items() if k.startswith("live_")}
+        assert live == end_live, (live, end_live)
     if report is not None:
         trainable_bytes = report["trainable_param_bytes"]
     else:

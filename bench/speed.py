@@ -133,27 +133,37 @@ def _speed_rank(rank, world, steps, warmup, kinds, profile_steps, scoring_reps):
             total = sum(v[3] for k, v in stats.stats.items() if k[2] == "_one_step")
             prof_text = (total, s.getvalue())
 
-    # scoring time per rank: the importance update alone, repeated
-    scoring = []
-    for _ in range(scoring_reps + 1):
-        ctrl.update_importance()
-        scoring.append(ctrl.scorer.last_seconds)
+    # scoring time per rank at 2 ranks vs 1 rank, side by side: the IST engine's own scorer (each rank
+    # scores its half of the global batch of 16, losses all-reduced) alternated with the same scorer
+    # over single-process collectives run by rank 0 alone (the whole batch of 16, what a 1-rank job
+    # does) while rank 1 waits at a barrier
+    import torch.distributed as dist
+
+    from ist_ds.collectives import LocalCollectives
+    from ist_ds.scoring import ImportanceScorer, ScoringStream
+
+    cfg = ctrl.config
+    solo = ImportanceScorer(engines["ist"].module, ctrl.layer_map, data, common.collate,
+                            ScoringStream(len(data), cfg.scoring_batch_size, seed=cfg.seed),
+                            cfg.suppression_scale, LocalCollectives(), engines["ist"].device,
+                            cfg.scoring_micro_batch_size)
+    gen = torch.Generator().manual_seed(99)
+    scoring = {"2 ranks": [], "1 rank": []}
+    for rep in range(scoring_reps + 1):
+        sets = ctrl.importance.sample_suppression_sets(gen)
+        ctrl.scorer.losses(sets)
+        if rep:
+            scoring["2 ranks"].append(ctrl.scorer.last_seconds)
+        dist.barrier()
+        if rank == 0:
+            solo.losses(sets)
+            if rep:
+                scoring["1 rank"].append(solo.last_seconds)
+        dist.barrier()
     for e in engines.values():
         e.destroy()
     return {"times": times, "updates": updates, "costs": costs, "prof": prof_text,
-            "scoring": scoring[1:], "n_ist_steps": n_ist_steps, "T": ctrl.config.update_interval}
-
-
-def _scoring_rank(rank, world, reps):
-    data = common.make_data(128)
-    engine = _build("ist", 2, GLOBAL_BATCH // world, data)
-    ctrl = engine.ist.controller
-    out = []
-    for _ in range(reps + 1):
-        ctrl.update_importance()
-        out.append(ctrl.scorer.last_seconds)
-    engine.destroy()
-    return out[1:]
+            "scoring": scoring, "n_ist_steps": n_ist_steps, "T": ctrl.config.update_interval}
 
 
 def _summary(res):
@@ -183,14 +193,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     kinds = ["uniform", "ist"] if args.no_all else ["uniform", "all", "ist"]
 
+    load_before = os.getloadavg()
     start = time.perf_counter()
     two = common.run_ranks(_speed_rank, 2, args.steps, args.warmup, kinds,
                            0 if args.no_profile else args.profile_steps, args.scoring_reps)
-    one = common.run_ranks(_scoring_rank, 1, args.scoring_reps)[0]
     wall = time.perf_counter() - start
+    load_after = os.getloadavg()
 
     print(f"# bench/speed.py: 2 ranks (forked, gloo, CPU, 1 thread each), ZeRO-2 fp32, global batch "
-          f"{GLOBAL_BATCH} x {common.SEQ} tokens, {args.steps} measured steps per engine, wall {wall:.0f} s\n")
+          f"{GLOBAL_BATCH} x {common.SEQ} tokens, {args.steps} measured steps per engine, wall {wall:.0f} s")
+    print(f"# load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, after "
+          f"{'/'.join(f'{x:.1f}' for x in load_after)} on {os.cpu_count()} cores\n")
     sums = [_summary(r) for r in two]
 
     print("## Step time per rank (s): forward + backward + engine.step()\n")
@@ -207,6 +220,8 @@ def main(argv=None) -> int:
     print(common.table(headers, body))
     print()
 
+    print("Per-rank forward/backward splits are not comparable across ranks: ZeRO-2 reduces gradients "
+          "inside backward, so a rank waits there for the slower one; the whole step is.\n")
     print("## IST bookkeeping per step, rank 0 (median, ms)\n")
     c = two[0]["costs"]
     gate_over = [a - b for a, b in zip(c["gate_total"], c["gate_inner"])]
@@ -224,11 +239,12 @@ def main(argv=None) -> int:
         start_i = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls")), 0)
         print("```\n" + "\n".join(lines[start_i:]) + "\n```\n")
 
-    sc1, sc2 = common.median(one), max(common.median(r["scoring"]) for r in two)
+    one = two[0]["scoring"]["1 rank"]
+    sc1, sc2 = common.median(one), max(common.median(r["scoring"]["2 ranks"]) for r in two)
     print("## Scoring (one importance update: K=3 suppressed forwards of the global batch of 16), s per rank\n")
-    print(common.table(["ranks", "median s (worst rank)", "samples"], [
+    print(common.table(["ranks", "median s (worst rank)", "samples (alternated)"], [
         ["1", f"{sc1:.3f}", ", ".join(f"{x:.2f}" for x in one)],
-        ["2", f"{sc2:.3f}", " | ".join(", ".join(f"{x:.2f}" for x in r["scoring"]) for r in two)],
+        ["2", f"{sc2:.3f}", " | ".join(", ".join(f"{x:.2f}" for x in r["scoring"]["2 ranks"]) for r in two)],
     ]))
     print()
 
@@ -245,6 +261,11 @@ def main(argv=None) -> int:
         if s["n_cycle"]:
             print(f"rank {rk}: mean over {s['n_cycle']} steps (whole cycles), IST / uniform = "
                   f"{s['mean_ist'] / s['mean_uni']:.3f}")
+        if "all" in s["total"]:
+            all_ = common.median(s["total"]["all"])
+            print(f"rank {rk}: decomposition: per-layer param groups (all / uniform) {all_ / uni:.3f} x sparse "
+                  f"backward (IST without update / all) {common.median(s['ist_plain']) / all_:.3f} + importance "
+                  f"update (update / T / uniform) {s['upd_mean'] / two[rk]['T'] / uni:.3f}")
         ratio = s["amort"] / uni
         verdicts.append((f"rank {rk}: IST step time incl. importance update / uniform LoRA = {ratio:.3f} "
                          f"<= {TARGET_STEP}", ratio <= TARGET_STEP))

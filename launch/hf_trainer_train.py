@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     if trainer.ist is not None and trainer.is_world_process_zero():
-        logger.info("final IST scores %s, selection counts %s", [round(s, 6) for s in trainer.ist.scores.tolist()],
+        logger.info("final IST scores %s, selection counts %s", [f"{s:.3g}" for s in trainer.ist.scores.tolist()],
                     trainer.ist.selection_counts)
     if evaluation is not None:
         trainer.log(trainer.evaluate())

@@ -3,6 +3,8 @@
 # through the deepspeed launcher (on a GPU machine, the same job on 2 GPUs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# DeepSpeed's JIT-built ops live with the environment they were built for.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore
 if ! .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then

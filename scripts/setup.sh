@@ -3,6 +3,8 @@
 # package, and DeepSpeed's JIT-built CPU ops. Safe to re-run; finished steps are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# DeepSpeed's JIT-built ops live with the environment they were built for.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 
 PY=${PYTHON:-python3}
 

@@ -20,6 +20,8 @@ evaluation, ``save_steps`` checkpoints and ``load_best_model_at_end``:
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
 import importlib
 import os
 
@@ -42,10 +44,30 @@ STEPS = 12
 SAVE_AT = 6
 
 
-def make_model():
-    from ist_ds.models import apply_peft, build_model
+_BASE_MODEL = None
 
-    return apply_peft(build_model("llama", seed=0, num_hidden_layers=NUM_LAYERS), "lora", r=4, alpha=8)
+
+def make_model():
+    """A fresh copy of one tiny LoRA Llama (built once, in the parent, before the ranks fork)."""
+    global _BASE_MODEL
+    if _BASE_MODEL is None:
+        from ist_ds.models import apply_peft, build_model
+
+        _BASE_MODEL = apply_peft(build_model("llama", seed=0, num_hidden_layers=NUM_LAYERS), "lora", r=4, alpha=8)
+    return copy.deepcopy(_BASE_MODEL)
+
+
+def fork_ranks(fn, world, *args, **kwargs):
+    """``run_ranks`` with the parent's objects frozen out of the garbage collector: accelerate runs
+    ``gc.collect()`` when training starts, which in a forked rank would otherwise walk (and copy) the
+    whole inherited heap of torch, transformers and DeepSpeed, for seconds."""
+    make_model()
+    gc.collect()
+    gc.freeze()
+    try:
+        return run_ranks(fn, world, *args, **kwargs)
+    finally:
+        gc.unfreeze()
 
 
 def make_data(n, seed):
@@ -239,12 +261,12 @@ def _check_run_and_resume(results, tmp_path, adapter=True):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_trainer_deepspeed_freezing_agreement_and_resume(stage, tmp_path):
-    results = run_ranks(_run_and_resume, 2, "deepspeed", str(tmp_path), stage=stage)
+    results = fork_ranks(_run_and_resume, 2, "deepspeed", str(tmp_path), stage=stage)
     _check_run_and_resume(results, tmp_path)
 
 
 def test_trainer_fsdp2_freezing_agreement_and_resume(tmp_path):
-    results = run_ranks(_run_and_resume, 2, "fsdp", str(tmp_path))
+    results = fork_ranks(_run_and_resume, 2, "fsdp", str(tmp_path))
     assert results[0]["first"]["fsdp"]
     _check_run_and_resume(results, tmp_path, adapter=False)  # FSDP saves the model sharded
 
@@ -311,7 +333,7 @@ def _single_process_tensorboard(rank, world, tmp):
 
 def test_single_process_and_tensorboard_scalars(tmp_path):
     """One process, no DeepSpeed: freezing checked at every step; IST scalars reach TensorBoard."""
-    (result,) = run_ranks(_single_process_tensorboard, 1, str(tmp_path))
+    (result,) = fork_ranks(_single_process_tensorboard, 1, str(tmp_path))
     run, tags = result
     assert [h[0] for h in run["history"]] == list(range(1, 7))
     assert {f"train/ist/score/layer_{i}" for i in range(NUM_LAYERS)} <= set(tags)

@@ -32,12 +32,12 @@ from ist_ds.recipe import Recipe
 
 PYTHON = os.path.join(VENV_BIN, "python")
 ENTRY = "tests/launch_entry.py"
-# A short job: 6 steps of the quick start's tiny Llama (2 of 8 layers per step), importance updates at
-# steps 3 and 6, 8 held-out examples.
-SHORT = ["--config", "configs/quickstart.yaml", "--set", "training.max_steps=6", "--set", "data.num_train=200",
-         "--set", "data.num_test=8", "--set", "data.max_eval_examples=8", "--set", "ist.update_interval=3",
-         "--set", "training.log_every=3", "--set", "training.tensorboard=false", "--set", "training.progress=false",
-         "--set", "backend.dist_timeout_s=120"]
+# DeepSpeed JIT-builds its CPU ops (the shared-memory collective, CPU Adam) into TORCH_EXTENSIONS_DIR.
+# Checkouts with other virtual environments on one machine flip a shared directory's build between their
+# include paths, and a rank then waits on the build lock for minutes (for ever, when a process holding it
+# was killed). Jobs launched here use the virtual environment's own directory, as scripts/test.sh does,
+# built once by the `deepspeed_ops` fixture.
+EXT_DIR = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
 LAUNCH_TIMEOUT = 420
 
 
@@ -53,9 +53,28 @@ def launch_env(**extra) -> dict:
     env = {k: v for k, v in _env().items()
            if not re.match(r"(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|MASTER_ADDR|MASTER_PORT|NODE_RANK|"
                            r"TORCHELASTIC_.*|SLURM_.*|OMPI_.*|PMI_.*|PMIX_.*)$", k)}
-    env.update(GLOO_SOCKET_IFNAME="lo", TOKENIZERS_PARALLELISM="false")
+    env.update(GLOO_SOCKET_IFNAME="lo", TOKENIZERS_PARALLELISM="false", TORCH_EXTENSIONS_DIR=EXT_DIR)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+@pytest.fixture(scope="module")
+def deepspeed_ops():
+    """DeepSpeed's CPU ops built in EXT_DIR (seconds when they are; about a minute each when not)."""
+    if torch.cuda.is_available():
+        return
+    code = ("from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder\n"
+            "for builder in (ShareMemCommBuilder(), CPUAdamBuilder()):\n    builder.load(verbose=False)\n")
+    proc = subprocess.Popen([PYTHON, "-c", code], cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=1800)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the compiler too, not only python
+        proc.wait()
+        pytest.fail(f"building DeepSpeed's CPU ops in {EXT_DIR} took over 30 min; if no build is running, delete "
+                    f"any 'lock' file left in its subdirectories")
+    assert proc.returncode == 0, out[-4000:]
 
 
 def start(cmd: list[str], env: dict, log) -> subprocess.Popen:
@@ -366,7 +385,8 @@ def test_every_shipped_config_loads():
         assert filled["bf16"] == {"enabled": True} and filled["gradient_accumulation_steps"] == 1
 
 
-def _train_shipped_ds_configs(rank, world, paths):
+def _train_shipped_ds_configs(rank, world, paths, ext_dir):
+    os.environ["TORCH_EXTENSIONS_DIR"] = ext_dir
     import ist_ds
     from ist_ds.dist_env import init_distributed
     from ist_ds.run_backends import deepspeed_config
@@ -394,11 +414,11 @@ def _train_shipped_ds_configs(rank, world, paths):
     return out
 
 
-def test_shipped_deepspeed_configs_train(tmp_path):
+def test_shipped_deepspeed_configs_train(deepspeed_ops, tmp_path):
     """Each ds_*.json, completed by the job runner, trains 4 IST steps on 2 forked ranks (ZeRO-Offload with
     DeepSpeedCPUAdam); both ranks agree."""
     paths = [os.path.join(ROOT, p) for p in DS_CONFIGS]
-    results = run_ranks(_train_shipped_ds_configs, 2, paths, timeout=600)
+    results = run_ranks(_train_shipped_ds_configs, 2, paths, EXT_DIR, timeout=600)
     assert results[0] == results[1]
     for path, got in results[0].items():
         assert got["stage"] == int(re.search(r"zero(\d)", path).group(1)) and got["steps"] == 4
@@ -415,7 +435,7 @@ def test_launch_scripts_parse():
 
 
 # ------------------------------------------------------------------------------------ real launches
-def test_deepspeed_two_nodes_without_ssh(tmp_path, plan_module):
+def test_deepspeed_two_nodes_without_ssh(deepspeed_ops, tmp_path, plan_module):
     """`deepspeed --hostfile H --no_ssh --node_rank N` on two "nodes" (both on 127.0.0.1): the per-node
     launch DeepSpeed's pdsh runner would start over ssh, started by hand."""
     hostfile = tmp_path / "hostfile"
@@ -431,16 +451,16 @@ def test_deepspeed_two_nodes_without_ssh(tmp_path, plan_module):
     assert {rec["env"]["MASTER_ADDR"] for rec in records} == {"127.0.0.1"}
     # Each node ran exactly the command pdsh would have run there.
     expected = plan_module.launch_commands({"node-a": [0], "node-b": [0]}, "127.0.0.1", port, ENTRY, user[1:])
+    keys = ("--world_info", "--node_rank", "--master_addr", "--master_port")
     for n, log in enumerate(logs):
         ran = shlex.split(re.search(r"cmd = (.*)", log).group(1))
-        core = [a for a in ran if a.startswith(("--world_info", "--node_rank", "--master_addr", "--master_port"))]
-        assert core == [a for a in expected[n] if a.startswith(("--world_info", "--node_rank", "--master_addr",
-                                                                  "--master_port"))]
-        assert ran[-len(user):] == user
+        assert ran[ran.index("-m") + 1] == expected[n][expected[n].index("-m") + 1] == "deepspeed.launcher.launch"
+        assert sorted(a for a in ran if a.startswith(keys)) == sorted(a for a in expected[n] if a.startswith(keys))
+        assert ran[-len(user):] == user == expected[n][-len(user):]
     print(f"deepspeed two nodes: {wall:.0f} s")
 
 
-def test_mpirun_two_ranks(tmp_path):
+def test_mpirun_two_ranks(deepspeed_ops, tmp_path):
     """launch/mpirun_train.sh: Open MPI ranks, MASTER_ADDR=127.0.0.1 exported with -x, the port agreed via
     mpi4py; ZeRO-1 from configs/ds_zero1.json (whose ist block is used)."""
     dump = tmp_path / "dump"
@@ -457,7 +477,7 @@ def test_mpirun_two_ranks(tmp_path):
     print(f"mpirun: {wall:.0f} s")
 
 
-def test_torchrun_two_nodes(tmp_path):
+def test_torchrun_two_nodes(deepspeed_ops, tmp_path):
     """Two torchrun agents (--nnodes 2 --nproc_per_node 1, node_rank 0 and 1) meeting at a c10d rendezvous on
     127.0.0.1, through launch/torchrun_node.sh; ZeRO-3 from configs/ds_zero3.json."""
     port, dump = free_port(), tmp_path / "dump"
@@ -504,7 +524,7 @@ sys.exit(rc)
 """
 
 
-def test_slurm_sbatch_under_srun(tmp_path):
+def test_slurm_sbatch_under_srun(deepspeed_ops, tmp_path):
     """launch/slurm_train.sbatch with the allocation's variables and an srun stand-in (no SLURM here): ranks,
     MASTER_ADDR from SLURM_JOB_NODELIST (the fallback parser: no scontrol), MASTER_PORT from the job id;
     FSDP2 backend, so the torch path of init_distributed runs too."""
@@ -534,7 +554,7 @@ def test_slurm_sbatch_under_srun(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ launch mistakes
-def test_world_size_not_dividing_the_batch_fails_at_launch(tmp_path):
+def test_world_size_not_dividing_the_batch_fails_at_launch(deepspeed_ops, tmp_path):
     """`deepspeed --num_gpus 2` with a global batch of 12 and micro batch 4: both ranks stop with the fix."""
     cmd = [os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
            *SHORT, "--set", "training.global_batch_size=12", "--set", f"output_dir={tmp_path / 'out'}"]
@@ -546,7 +566,7 @@ def test_world_size_not_dividing_the_batch_fails_at_launch(tmp_path):
     print(f"batch error: {wall:.0f} s")
 
 
-def test_unreachable_master_and_missing_peer_time_out(tmp_path):
+def test_unreachable_master_and_missing_peer_time_out(deepspeed_ops, tmp_path):
     """A rank whose master never answers, and a master whose peer never comes: each fails after
     backend.dist_timeout_s with the address in the message, not a hang."""
     timeout_s = 5
@@ -570,7 +590,7 @@ def test_unreachable_master_and_missing_peer_time_out(tmp_path):
     print(f"timeouts: {wall:.0f} s")
 
 
-def test_mismatched_ist_config_across_nodes_fails_fast(tmp_path):
+def test_mismatched_ist_config_across_nodes_fails_fast(deepspeed_ops, tmp_path):
     """Two ranks started with different ist.seed (one config per node, edited on one node only): the
     agreement check stops both at the first selection with ISTAgreementError, within the timeout."""
     port = free_port()

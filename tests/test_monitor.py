@@ -149,6 +149,24 @@ def test_report_errors(tmp_path, capsys):
         main(["report", "--out", str(tmp_path / "o")])  # at least one run directory
 
 
+def test_report_merges_a_resumed_runs_event_files(tmp_path):
+    import time
+
+    from ist_ds.monitor import SummaryWriterMonitor
+    from ist_ds.report import read_scalars
+
+    first = SummaryWriterMonitor(str(tmp_path / "tensorboard" / "train"))
+    for step in (0, 4, 8, 12):  # the first run got to step 12, its last checkpoint was step 8
+        first.log(step, {"train/loss": 10.0 - step})
+    first.close()
+    time.sleep(1.1)  # a new event file name (its timestamp) and later wall times
+    resumed = SummaryWriterMonitor(str(tmp_path / "tensorboard" / "train"))
+    for step in (8, 12, 16):
+        resumed.log(step, {"train/loss": 100.0 + step})
+    resumed.close()
+    assert read_scalars(str(tmp_path))["train/loss"] == [(0, 10.0), (4, 6.0), (8, 108.0), (12, 112.0), (16, 116.0)]
+
+
 class _Terminal(io.StringIO):
     def isatty(self):
         return True
