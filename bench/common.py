@@ -134,18 +134,19 @@ def _child(fn, rank, world, port, queue, args):
     })
     torch.set_num_threads(1)
     quiet()
+    code = 0
     try:
         queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException:  # noqa: BLE001 - re-raised in the parent with the rank
         queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        try:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
+        code = 1
+    # Flush the result to the parent before anything else can go wrong, then leave without the
+    # interpreter's teardown (process-group and extension destructors are not needed here).
+    queue.close()
+    queue.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 _T0 = None
@@ -159,7 +160,11 @@ def log(msg: str) -> None:
     if _T0 is None:
         _T0 = time.perf_counter()
     rank = os.environ.get("RANK", "-")
-    print(f"[{time.perf_counter() - _T0:7.1f}s rank {rank}] {msg}", file=sys.stderr, flush=True)
+    try:
+        rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        rss = float("nan")
+    print(f"[{time.perf_counter() - _T0:7.1f}s rank {rank} rss {rss:.0f} MiB] {msg}", file=sys.stderr, flush=True)
 
 
 def preload_ops() -> None:
@@ -191,14 +196,22 @@ def run_ranks(fn, world: int, *args, timeout: float = 1200) -> list:
     for p in procs:
         p.start()
     results, errors = {}, []
+    import queue as queue_mod
+    import time
+
+    deadline = time.monotonic() + timeout
+    grace = None  # once a rank has died or failed, wait a little for the others, not the full timeout
     try:
-        for _ in procs:
+        while len(results) + len(errors) < world and time.monotonic() < (grace or deadline):
             try:
-                rank, status, value = queue.get(timeout=timeout if not errors else 20)
-            except Exception:  # noqa: BLE001 - a rank that hangs after another failed
-                break
+                rank, status, value = queue.get(timeout=2)
+            except queue_mod.Empty:
+                if grace is None and any(p.exitcode not in (None, 0) for p in procs):
+                    grace = time.monotonic() + 20
+                continue
             if status == "error":
                 errors.append(f"rank {rank} failed:\n{value}")
+                grace = grace or time.monotonic() + 20
                 continue
             results[rank] = pickle.loads(value)
     finally:
@@ -206,6 +219,10 @@ def run_ranks(fn, world: int, *args, timeout: float = 1200) -> list:
             p.join(timeout=10 if not errors else 1)
             if p.is_alive():
                 p.kill()
+    for r, p in enumerate(procs):
+        if r not in results and not any(e.startswith(f"rank {r} ") for e in errors):
+            errors.append(f"rank {r} returned nothing (exit code {p.exitcode}; a negative code is the "
+                          f"signal that ended it, -9 is also what the kernel's OOM killer sends)")
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world)]

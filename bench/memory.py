@@ -176,13 +176,14 @@ def _run(rank, world, stage, name, ist, zero_extra, steps, data, measure_saved):
 
     inner.step = measured_step
 
-    saved_act, saved_par, grad_zero, max_drift = [], [], [], 0.0
+    saved_act, saved_par, grad_zero, max_drift, selections = [], [], [], 0.0, []
     for step in range(steps):
         if lisa:
             chosen = sorted(torch.randperm(layer_map.num_layers, generator=generator)[:2].tolist())
             set_trainable(layer_map, chosen)
         trained = ist_hook.selected_layers if ist_hook is not None else \
             (chosen if lisa else list(range(layer_map.num_layers)))
+        selections.append(tuple(trained))
         before = lora_snapshot(layer_map, stage)
         batch = common.rank_batch(data, step, rank, world, MICRO)
         if measure_saved:
@@ -197,22 +198,6 @@ def _run(rank, world, stage, name, ist, zero_extra, steps, data, measure_saved):
         engine.step()
         after = lora_snapshot(layer_map, stage)
         max_drift = max(max_drift, drift(before, after, trained))
-
-    # the expectation over IST's selection distribution at equal scores (every pair of the 8 layers is
-    # equally likely): one full step per selection, forced through the controller (these extra steps
-    # come after every other measurement of the row; ZeRO-3 does not allow forwards without backward)
-    exhaustive = None
-    if measure_saved and ist_hook is not None and name.startswith("IST drop"):
-        ctrl = ist_hook.controller
-        batch = common.rank_batch(data, 0, rank, world, MICRO)
-        exhaustive = []
-        for pair in itertools.combinations(range(layer_map.num_layers), ctrl.importance.num_train):
-            ctrl._apply(list(pair))
-            with SavedTensors(list(engine.module.parameters())) as saved:
-                loss = engine(**batch).loss
-            exhaustive.append(saved.activation_bytes)
-            engine.backward(loss)
-            engine.step()
 
     end_live = live_state_bytes(inner.state)
     report = ist_hook.memory_report() if ist_hook is not None else None
@@ -232,19 +217,60 @@ def _run(rank, world, stage, name, ist, zero_extra, steps, data, measure_saved):
         "report": report,
         "trainable_grad_bytes": trainable_bytes,
         "zero_grad_bytes": max(grad_zero),
-        "saved_act": saved_act, "saved_par": saved_par, "saved_act_all_selections": exhaustive,
+        "saved_act": saved_act, "saved_par": saved_par, "selections": selections,
         "drift": max_drift, "loss": float(loss),
     }
     engine.destroy()
     return out
 
 
+def bare_saved_bytes(zero3_linear: bool, data) -> dict:
+    """Saved-for-backward activation bytes of one forward of the bare PEFT model (no engine) for every
+    selection of N_u = 2 of the 8 layers and for all layers, keyed by the sorted tuple of trained layers.
+
+    Which tensors autograd saves depends only on which parameters require grad and on the linear
+    function in use, so this gives IST's expectation over all selections cheaply (ZeRO-3 does not allow
+    forwards without backward); ``zero3_linear`` swaps in the linear ZeRO-3 installs by default
+    (``memory_efficient_linear``). The engine's own figures for the selections seen in training are
+    compared with these.
+    """
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    from ist_ds.layers import discover_layers, set_trainable
+
+    model = common.make_model()
+    layer_map = discover_layers(model)
+    batch = common.rank_batch(data, 0, 0, 1, MICRO)
+    original = torch.nn.functional.linear
+    if zero3_linear:
+        torch.nn.functional.linear = zero3_linear_wrap
+    out = {}
+    try:
+        n = layer_map.num_layers
+        for sel in [tuple(range(n))] + list(itertools.combinations(range(n), 2)):
+            set_trainable(layer_map, list(sel))
+            with SavedTensors(list(model.parameters())) as saved:
+                loss = model(**batch).loss
+            del loss
+            out[sel] = saved.activation_bytes
+    finally:
+        torch.nn.functional.linear = original
+    return out
+
+
 def _rank_main(rank, world, stages, rows, steps):
     data = common.make_data(64)
-    results = []
+    _reset_linear()
+    if rank == 0:
+        common.log("bare model: saved tensors for every selection, stock torch linear")
+    # rank 0 enumerates with torch's linear, rank 1 with ZeRO-3's; no collectives involved
+    bare = {("torch" if rank == 0 else "zero3"): bare_saved_bytes(zero3_linear=rank == 1, data=data)}
+    results = [{"bare": bare}]
     for stage in stages:
         for name, ist, zero_extra, on_stages in rows:
             if stage in on_stages:
+                if rank == 0:
+                    common.log(f"ZeRO-{stage}: {name}")
                 results.append(_run(rank, world, stage, name, ist, zero_extra, steps, data,
                                     measure_saved=ist != LISA))
     return results
@@ -260,6 +286,8 @@ def main(argv=None) -> int:
     rows = ROWS + [(LISA, LISA, {}, (2,))]
     start = time.perf_counter()
     results = common.run_ranks(_rank_main, 2, args.stages, rows, args.steps)
+    bare = {**results[0][0]["bare"], **results[1][0]["bare"]}
+    results = [res[1:] for res in results]
     wall = time.perf_counter() - start
     print(f"# bench/memory.py: 2 ranks (forked, gloo, CPU), {args.steps} steps per row, "
           f"micro-batch {MICRO} x {common.SEQ} tokens per rank, wall {wall:.0f} s\n")
@@ -287,31 +315,39 @@ def main(argv=None) -> int:
         print(f"## ZeRO-{stage}: ratios vs uniform LoRA (ist.enabled=false; rows with "
               "memory_efficient_linear=false vs the uniform row with the same setting)\n")
         headers = ["row", "rank", "optim live (peak)", "optim live + host", "trainable grad",
-                   "ZeRO grad buffers", f"saved act ({args.steps} steps)", "saved act (all selections)"]
+                   "ZeRO grad buffers", f"saved act ({args.steps} steps)", "saved act (all 28 selections)",
+                   "engine vs bare model"]
         body = []
         for rk in range(2):
             by_name = {r["name"]: r for r in per_rank[rk]}
             for r in per_rank[rk]:
-                b = by_name[NO_MEL_BASE if "memory_efficient_linear=false" in r["name"] else BASE]
+                no_mel = "memory_efficient_linear=false" in r["name"]
+                b = by_name[NO_MEL_BASE if no_mel else BASE]
                 b_act = mean(b["saved_act"])
                 act = mean(r["saved_act"])
-                every = r["saved_act_all_selections"]
+                # the bare model's figures with the linear this engine runs
+                table_ = bare["zero3" if stage == 3 and not no_mel else "torch"]
+                n = len(table_) - 1
+                expected = sum(v for k, v in table_.items() if len(k) == 2) / n / table_[tuple(range(8))]
+                dev = max((abs(a - table_[sel]) / table_[sel] for a, sel in zip(r["saved_act"], r["selections"])
+                           if sel in table_), default=None)
+                partial = r["name"].startswith(("IST", "RST"))
                 body.append([r["name"], rk, f"{r['peak_live'] / b['peak_live']:.3f}",
                              f"{(r['peak_live'] + r['offloaded_host']) / b['peak_live']:.3f}",
                              f"{r['trainable_grad_bytes'] / b['trainable_grad_bytes']:.3f}",
                              f"{r['zero_grad_bytes'] / b['zero_grad_bytes']:.3f}",
                              f"{act / b_act:.3f}" if r["saved_act"] else "-",
-                             f"{mean(every) / b_act:.3f}" if every else "-"])
+                             f"{expected:.3f}" if partial else "-",
+                             "-" if dev is None else f"{100 * dev:.2f}%"])
                 if r["name"] in ("IST drop", "IST offload (host)"):
                     ratio = r["peak_live"] / b["peak_live"]
                     verdicts.append((f"ZeRO-{stage} rank {rk}, {r['name']}: live optimizer state / uniform = "
                                      f"{ratio:.3f} (target <= {TARGET_STATE})", ratio <= TARGET_STATE))
-                if every:
-                    ratio = mean(every) / b_act
+                if r["name"].startswith("IST drop"):
                     verdicts.append((f"ZeRO-{stage} rank {rk}, {r['name']}: saved-for-backward activations / "
-                                     f"uniform = {ratio:.3f} over all {len(every)} selections, "
-                                     f"{act / b_act:.3f} over the {args.steps} steps (target <= {TARGET_SAVED})",
-                                     ratio <= TARGET_SAVED))
+                                     f"uniform = {expected:.3f} expected over all {n} selections, {act / b_act:.3f} "
+                                     f"over the {args.steps} steps run (target <= {TARGET_SAVED})",
+                                     expected <= TARGET_SAVED))
                 if r["name"] == LISA:
                     lisa_lines.append(
                         f"ZeRO-{stage} rank {rk}, {LISA}: PEFT parameters of layers frozen in a step moved by up "

@@ -159,3 +159,42 @@ class ISTController:
             self.scorer.load_state_dict(state["scoring"])
         self._apply([int(i) for i in state["selected"]])
         self._check()
+
+
+class ISTView:
+    """The user-facing view of a run's IST state (``engine.ist`` under DeepSpeed, ``FSDPIST.ist``)."""
+
+    def __init__(self, controller: ISTController) -> None:
+        self.controller = controller
+        self.config = controller.config
+        self.layer_map = controller.layer_map
+
+    @property
+    def selected_layers(self) -> list[int]:
+        """Sorted layers whose PEFT parameters train in the current optimizer step."""
+        return self.controller.selected_layers
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Importance scores (reference sign: higher means less important)."""
+        return self.controller.scores
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far."""
+        return self.controller.step
+
+    @property
+    def selection_counts(self) -> list[int]:
+        """How many optimizer steps each layer has been trained in."""
+        return list(self.controller.selection_counts)
+
+    def memory_report(self) -> dict:
+        """Per-rank bytes: optimizer state by location and the trainable parameters of this step."""
+        return self.controller.memory_report()
+
+    def state_dict(self) -> dict:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.controller.load_state_dict(state)

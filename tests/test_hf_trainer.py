@@ -30,11 +30,17 @@ import torch
 
 from distributed import run_ranks
 
-# Imported here once rather than in every forked rank: DeepSpeed imports its Muon optimizer (and with
-# it torch._dynamo, several seconds) the first time it checks an optimizer; transformers.Trainer.
+# Loaded here once rather than in every forked rank: transformers.Trainer; DeepSpeed's Muon optimizer
+# (with it torch._dynamo, several seconds), imported the first time DeepSpeed checks an optimizer; the
+# CPU accelerator's shared-memory collectives op, JIT-loaded (under a file lock) by init_distributed.
 for _module in ("transformers.trainer", "deepspeed.runtime.zero.muon.muon_optimizer", "peft"):
     with contextlib.suppress(ImportError):
         importlib.import_module(_module)
+with contextlib.suppress(Exception):
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        get_accelerator().create_op_builder("ShareMemCommBuilder").load()
 
 NUM_LAYERS = 8
 SEQ = 16
@@ -48,7 +54,10 @@ _BASE_MODEL = None
 
 
 def make_model():
-    """A fresh copy of one tiny LoRA Llama (built once, in the parent, before the ranks fork)."""
+    """A fresh copy of one tiny LoRA Llama, built once per process.
+
+    Only ever called inside forked ranks: torch compute in the pytest process before a fork can leave
+    the ranks' thread pool unusable."""
     global _BASE_MODEL
     if _BASE_MODEL is None:
         from ist_ds.models import apply_peft, build_model
@@ -61,7 +70,6 @@ def fork_ranks(fn, world, *args, **kwargs):
     """``run_ranks`` with the parent's objects frozen out of the garbage collector: accelerate runs
     ``gc.collect()`` when training starts, which in a forked rank would otherwise walk (and copy) the
     whole inherited heap of torch, transformers and DeepSpeed, for seconds."""
-    make_model()
     gc.collect()
     gc.freeze()
     try:
@@ -289,7 +297,7 @@ def test_read_ist_config():
         read_ist_config({"ist": {"train_layer": 2}})
 
 
-def test_regroup_keeps_the_trainers_groups():
+def _regroup(rank, world):
     from accelerate.utils import DummyOptim
 
     from ist_ds.integrations.hf_trainer import _regroup_by_layer
@@ -318,6 +326,11 @@ def test_regroup_keeps_the_trainers_groups():
     dummy = DummyOptim(params=params)  # an optimizer named in the DeepSpeed config
     _regroup_by_layer(dummy, layer_map)
     assert {g["ist_layer"] for g in dummy.params} == set(range(NUM_LAYERS))
+    return True
+
+
+def test_regroup_keeps_the_trainers_groups():
+    assert fork_ranks(_regroup, 1) == [True]
 
 
 def _single_process_tensorboard(rank, world, tmp):

@@ -37,7 +37,7 @@ import torch
 from ist_ds.checkpoint import (IST_STATE_FILE, atomic_torch_save, publish_latest, read_latest, rng_file,
                                 rng_state, safe_load, set_rng_state)
 from ist_ds.collectives import default_collectives
-from ist_ds.controller import ISTController
+from ist_ds.controller import ISTController, ISTView
 from ist_ds.core import ISTConfig
 from ist_ds.errors import ISTCheckpointError, ISTConfigError
 from ist_ds.layers import LayerMap, discover_for, set_trainable
@@ -72,42 +72,12 @@ def split_ist_block(ds_config: dict) -> tuple[ISTConfig, dict]:
     return ISTConfig.from_dict(block), ds_config
 
 
-class DeepSpeedIST:
+class DeepSpeedIST(ISTView):
     """The IST state of a DeepSpeed engine, exposed as ``engine.ist``."""
 
     def __init__(self, engine, controller: ISTController) -> None:
+        super().__init__(controller)
         self.engine = engine
-        self.controller = controller
-        self.config = controller.config
-        self.layer_map = controller.layer_map
-
-    @property
-    def selected_layers(self) -> list[int]:
-        """Sorted layers whose PEFT parameters train in the current optimizer step."""
-        return self.controller.selected_layers
-
-    @property
-    def scores(self) -> torch.Tensor:
-        """Importance scores (reference sign: higher means less important)."""
-        return self.controller.scores
-
-    @property
-    def step(self) -> int:
-        return self.controller.step
-
-    @property
-    def selection_counts(self) -> list[int]:
-        return list(self.controller.selection_counts)
-
-    def memory_report(self) -> dict:
-        """Per-rank bytes: optimizer state by location and the trainable parameters of this step."""
-        return self.controller.memory_report()
-
-    def state_dict(self) -> dict:
-        return self.controller.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.controller.load_state_dict(state)
 
     # ------------------------------------------------------------------ checkpoints
     @contextlib.contextmanager

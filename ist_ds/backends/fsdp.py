@@ -58,7 +58,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ist_ds.collectives import LocalCollectives, TorchCollectives
-from ist_ds.controller import ISTController
+from ist_ds.controller import ISTController, ISTView
 from ist_ds.core import ISTConfig
 from ist_ds.errors import ISTCheckpointError, ISTConfigError, ISTModelError
 from ist_ds.layers import LayerMap, discover_for
@@ -80,33 +80,8 @@ def _local_bytes(t: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-class ISTView:
+class FSDPISTView(ISTView):
     """The IST state of an FSDP2 run, exposed as ``FSDPIST.ist``."""
-
-    def __init__(self, controller: ISTController) -> None:
-        self.controller = controller
-        self.config = controller.config
-        self.layer_map = controller.layer_map
-
-    @property
-    def selected_layers(self) -> list[int]:
-        """Layers whose PEFT parameters train in the current optimizer step."""
-        return self.controller.selected_layers
-
-    @property
-    def scores(self) -> torch.Tensor:
-        """Importance scores (reference sign: higher means less important)."""
-        return self.controller.scores
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps taken so far."""
-        return self.controller.step
-
-    @property
-    def selection_counts(self) -> list[int]:
-        """How many optimizer steps each layer has been trained in."""
-        return list(self.controller.selection_counts)
 
     def memory_report(self) -> dict:
         """Bytes on this rank: optimizer state by location, and the parameters that train now.
@@ -122,12 +97,6 @@ class ISTView:
         report["trainable_param_bytes_unsharded"] = sum(p.numel() * p.element_size() for p in params)
         report["trainable_param_bytes"] = sum(_local_bytes(p) for p in params)
         return report
-
-    def state_dict(self) -> dict:
-        return self.controller.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.controller.load_state_dict(state)
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -156,7 +125,7 @@ class FSDPIST:
     """A PEFT model sharded with FSDP2, its optimizer, and IST around them. Built by :func:`setup`.
 
     Attributes: ``model`` (the sharded model; run forwards and ``backward`` on it), ``optimizer``
-    (per-layer param groups, gated), ``ist`` (an :class:`ISTView`, or ``None`` when the ``ist``
+    (per-layer param groups, gated), ``ist`` (an :class:`FSDPISTView`, or ``None`` when the ``ist``
     block is disabled), ``lr_scheduler`` (or ``None``), ``mesh``, ``device``, ``layer_map``,
     ``config``, ``rank``, ``world_size``.
     """
@@ -169,7 +138,7 @@ class FSDPIST:
         self.config = config
         self.layer_map = layer_map
         self.controller = controller
-        self.ist = ISTView(controller) if controller is not None else None
+        self.ist = FSDPISTView(controller) if controller is not None else None
         self.mesh = mesh
         self.device = device
         self.comm = collectives
@@ -205,7 +174,7 @@ class FSDPIST:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def memory_report(self) -> dict:
-        """See :meth:`ISTView.memory_report`; without IST, the optimizer's live state bytes only."""
+        """See :meth:`FSDPISTView.memory_report`; without IST, the optimizer's live state bytes only."""
         if self.ist is not None:
             return self.ist.memory_report()
         return {"optimizer_state_bytes": {f"live_{k}": v for k, v in live_state_bytes(self.optimizer.state).items()}}
@@ -530,4 +499,4 @@ def setup(model: torch.nn.Module, ist_config: ISTConfig | Mapping[str, Any] | No
                    lr_scheduler)
 
 
-__all__ = ["setup", "FSDPIST", "ISTView", "SafeLoadPlanner", "IST_STATE_FILE"]
+__all__ = ["setup", "FSDPIST", "FSDPISTView", "SafeLoadPlanner", "IST_STATE_FILE"]
