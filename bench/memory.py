@@ -75,7 +75,10 @@ class SavedTensors:
     a parameter's when the packed tensor is a parameter (or a view of one) or a ZeRO-3 parameter.
     """
 
-    def __init__(self, params) -> None:
+    def __init__(self, params, forward_only: bool = False) -> None:
+        # A forward that is never followed by backward must not hand autograd the tensor itself: a
+        # saved output would then reference its own grad_fn, a cycle that never frees the activations.
+        self.forward_only = forward_only
         self.param_ptrs = {p.untyped_storage().data_ptr() for p in params if p.numel()}
         self.act: dict[int, tuple] = {}
         self.par: dict[int, tuple] = {}
@@ -87,7 +90,7 @@ class SavedTensors:
             is_param = (isinstance(t, torch.nn.Parameter) or hasattr(t, "ds_id") or ptr in self.param_ptrs
                         or isinstance(getattr(t, "_base", None), torch.nn.Parameter))
             (self.par if is_param else self.act)[ptr] = (st, st.nbytes())  # size when packed
-        return t
+        return t.detach() if self.forward_only else t
 
     def __enter__(self):
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -249,7 +252,7 @@ def bare_saved_bytes(zero3_linear: bool, data) -> dict:
         n = layer_map.num_layers
         for sel in [tuple(range(n))] + list(itertools.combinations(range(n), 2)):
             set_trainable(layer_map, list(sel))
-            with SavedTensors(list(model.parameters())) as saved:
+            with SavedTensors(list(model.parameters()), forward_only=True) as saved:
                 loss = model(**batch).loss
             del loss
             out[sel] = saved.activation_bytes

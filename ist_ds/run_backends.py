@@ -49,7 +49,7 @@ def deepspeed_config(recipe: Recipe, world_size: int, total_steps: int, on_cpu: 
         "zero_optimization": {"stage": recipe.backend.zero_stage},
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         "scheduler": {"type": "WarmupDecayLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": t.warmup_steps,
+            "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": max(1, t.warmup_steps),  # DeepSpeed rejects 0
             "warmup_type": "linear", "total_num_steps": max(total_steps, t.warmup_steps + 1)}},
     }
     if recipe.backend.offload_optimizer:
