@@ -38,6 +38,12 @@ ENTRY = "tests/launch_entry.py"
 # was killed). Jobs launched here use the virtual environment's own directory, as scripts/test.sh does,
 # built once by the `deepspeed_ops` fixture.
 EXT_DIR = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
+# A short job: 6 steps of the quick start's tiny Llama (2 of 8 layers per step), importance updates at
+# steps 3 and 6, 8 held-out examples.
+SHORT = ["--config", "configs/quickstart.yaml", "--set", "training.max_steps=6", "--set", "data.num_train=200",
+         "--set", "data.num_test=8", "--set", "data.max_eval_examples=8", "--set", "ist.update_interval=3",
+         "--set", "training.log_every=3", "--set", "training.tensorboard=false", "--set", "training.progress=false",
+         "--set", "backend.dist_timeout_s=120"]
 LAUNCH_TIMEOUT = 420
 
 

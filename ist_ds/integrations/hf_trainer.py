@@ -25,8 +25,11 @@ reach, so :class:`ISTTrainerMixin` overrides the Trainer methods that own them:
   otherwise, and the :class:`~ist_ds.controller.ISTController` is built around it.
 - checkpoints: ``_save_checkpoint`` writes the IST state to ``ist_state.pt`` in the checkpoint
   folder, and puts offloaded optimizer state back (and every IST layer back to trainable) while
-  Trainer saves the model and optimizer, so nothing of an unselected layer is left out; ``train``
-  remembers ``resume_from_checkpoint`` so that the state is read back when training resumes.
+  Trainer saves the model and optimizer (``save_model`` too), so nothing of an unselected layer is
+  left out; ``train`` remembers ``resume_from_checkpoint`` so that the state is read back when
+  training resumes; under FSDP2, ``_load_optimizer_and_scheduler`` lets torch.distributed.checkpoint
+  load an optimizer state that has no entries for layers IST never trained; ``_load_best_model``
+  first hands every layer back (training is over).
 
 The controller runs after every real optimizer step (``on_step_end``: once per
 ``gradient_accumulation_steps`` micro-batches, after DeepSpeed's ``engine.step`` or the torch
@@ -318,6 +321,8 @@ class ISTTrainerMixin:
         if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             raise ISTConfigError("the importance update needs a map-style dataset (len and indexing); the training "
                                  "data is iterable: pass scoring_dataset= (e.g. a few hundred training examples)")
+        if len(dataset) == 0:
+            raise ISTConfigError("the IST scoring dataset is empty")
         # What Trainer does to the training data before its collator (remove_unused_columns).
         if is_datasets_available():
             import datasets
@@ -393,7 +398,8 @@ class ISTTrainerMixin:
     def _save_checkpoint(self, model, trial, *args, **kwargs):
         with self._ist_full_view():
             if self._ist_active and self.args.should_save:
-                run_dir = self._get_output_dir(trial=trial) if hasattr(self, "_get_output_dir") else self.args.output_dir
+                run_dir = (self._get_output_dir(trial=trial) if hasattr(self, "_get_output_dir")
+                           else self.args.output_dir)
                 self._ist_save(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
             return super()._save_checkpoint(model, trial, *args, **kwargs)
 
