@@ -1,9 +1,9 @@
-"""Memory of IST vs uniform LoRA under DeepSpeed ZeRO-2 and ZeRO-3, 2 CPU ranks.
+"""Memory of IST vs uniform LoRA under DeepSpeed ZeRO-2, ZeRO-3 and PyTorch FSDP2, 2 CPU ranks.
 
-Run from the repository root (about 5 minutes on 2 cores):
+Run from the repository root (about 8 minutes on 2 cores):
 
-    .venv/bin/python bench/memory.py            # ZeRO-2 and ZeRO-3, 10 steps per row
-    .venv/bin/python bench/memory.py --stages 2 --steps 4   # a quick look
+    .venv/bin/python bench/memory.py            # ZeRO-2, ZeRO-3 and FSDP2, 10 steps per row
+    .venv/bin/python bench/memory.py --backends zero2 --steps 4   # a quick look
 
 The script forks its own 2 ranks (gloo, loopback; see bench/common.py), so no launcher is needed.
 Model: Llama, 8 blocks, hidden 256, LoRA r=32 on q,k,v,up,down; micro-batch 4 x 256 tokens per rank;
@@ -16,9 +16,9 @@ Per rank and per row it measures:
   state it re-creates for the selected layers; ``host`` (offloaded by IST). IST rows read
   ``engine.ist.memory_report()``; every row also reads the optimizer's own ``state`` directly;
 - trainable-gradient bytes: the gradients autograd produces for the trainable parameters in one step
-  (``memory_report()['trainable_param_bytes']``, full size before ZeRO's reduce-scatter), and the
-  gradient partitions ZeRO holds after ``backward`` on this rank (ZeRO-2 ``averaged_gradients``;
-  ZeRO-3 its flat gradient buffer plus the zero tensors it creates for frozen parameters);
+  (full size, before ZeRO's or FSDP2's reduce-scatter), and the gradient shards held after
+  ``backward`` on this rank (ZeRO-2 ``averaged_gradients``; ZeRO-3 its flat gradient buffer plus the
+  zero tensors it creates for frozen parameters; FSDP2 the local shards of the ``grad`` DTensors);
 - bytes autograd saves for backward during one forward (``torch.autograd.graph.saved_tensors_hooks``:
   unique storages packed, split into activations and parameter storages);
 - drift: the largest absolute change, across a step, of a PEFT parameter of a layer that was not
@@ -46,16 +46,21 @@ MICRO = 4
 TARGET_STATE = 0.27
 TARGET_SAVED = 0.72
 
-# (row, ist block, extra zero_optimization keys, stages it runs on)
+# Backends: DeepSpeed ZeRO stage 2 or 3 (an int), or PyTorch FSDP2.
+FSDP2 = "fsdp2"
+BACKENDS = {"zero2": 2, "zero3": 3, "fsdp2": FSDP2}
+ALL = (2, 3, FSDP2)
+
+# (row, ist block, extra zero_optimization keys, backends it runs on)
 NO_MEL = {"memory_efficient_linear": False}
 ROWS = [
-    ("uniform LoRA (ist.enabled=false)", {"enabled": False}, {}, (2, 3)),
-    ("uniform LoRA (strategy=all)", {"strategy": "all"}, {}, (2, 3)),
-    ("IST keep", {"optimizer_state": "keep"}, {}, (2, 3)),
-    ("IST offload (host)", {"optimizer_state": "offload"}, {}, (2, 3)),
-    ("IST drop", {"optimizer_state": "drop"}, {}, (2, 3)),
-    ("RST keep", {"strategy": "rst"}, {}, (2, 3)),
-    ("RST drop", {"strategy": "rst", "optimizer_state": "drop"}, {}, (2, 3)),
+    ("uniform LoRA (ist.enabled=false)", {"enabled": False}, {}, ALL),
+    ("uniform LoRA (strategy=all)", {"strategy": "all"}, {}, ALL),
+    ("IST keep", {"optimizer_state": "keep"}, {}, ALL),
+    ("IST offload (host)", {"optimizer_state": "offload"}, {}, ALL),
+    ("IST drop", {"optimizer_state": "drop"}, {}, ALL),
+    ("RST keep", {"strategy": "rst"}, {}, ALL),
+    ("RST drop", {"strategy": "rst", "optimizer_state": "drop"}, {}, ALL),
     # ZeRO-3 replaces torch.nn.functional.linear by default (memory_efficient_linear), and its
     # replacement saves the input of every linear for backward, trainable or not
     ("uniform LoRA, memory_efficient_linear=false", {"enabled": False}, NO_MEL, (3,)),
@@ -64,6 +69,10 @@ ROWS = [
 LISA = "LISA-style (requires_grad only)"
 BASE = ROWS[0][0]
 NO_MEL_BASE = "uniform LoRA, memory_efficient_linear=false"
+
+
+def label(backend) -> str:
+    return "FSDP2" if backend == FSDP2 else f"ZeRO-{backend}"
 
 
 # ---------------------------------------------------------------------- measurements inside a rank
@@ -227,6 +236,72 @@ def _run(rank, world, stage, name, ist, zero_extra, steps, data, measure_saved):
     return out
 
 
+def _run_fsdp(rank, world, name, ist, steps, data, measure_saved):
+    """The same measurements as :func:`_run` on FSDP2 (``ist_ds.backends.fsdp.setup``, torch AdamW)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ist_ds.backends import fsdp
+    from ist_ds.optimizer_state import live_state_bytes
+
+    _reset_linear()
+    model = common.make_model()
+    t0 = time.perf_counter()
+    run = fsdp.setup(model, ist, mesh=init_device_mesh("cpu", (world,)), lr=2e-4, scoring_data=data,
+                     collate_fn=common.collate)
+    init_s = time.perf_counter() - t0
+    layer_map, optimizer = run.layer_map, run.optimizer
+
+    peak = {"live": 0}
+    gated_step = optimizer.step  # IST's gate (or the plain step); drop frees state after it returns
+
+    def measured_step(*args, **kwargs):
+        out = gated_step(*args, **kwargs)
+        peak["live"] = max(peak["live"], sum(live_state_bytes(optimizer.state).values()))
+        return out
+
+    optimizer.step = measured_step
+
+    def snapshot():  # a collective: every rank gathers every layer's PEFT parameters in the same order
+        return [[p.full_tensor().detach().clone() for _, p in layer.params] for layer in layer_map.layers]
+
+    saved_act, saved_par, grad_shards, max_drift, selections = [], [], [], 0.0, []
+    for step in range(steps):
+        trained = run.ist.selected_layers if run.ist is not None else list(range(layer_map.num_layers))
+        selections.append(tuple(trained))
+        before = snapshot()
+        batch = common.rank_batch(data, step, rank, world, MICRO)
+        if measure_saved:
+            with SavedTensors([p.to_local() for p in run.model.parameters()]) as saved:
+                loss = run.model(**batch).loss
+            saved_act.append(saved.activation_bytes)
+            saved_par.append(saved.param_bytes)
+        else:
+            loss = run.model(**batch).loss
+        loss.backward()
+        grad_shards.append(common.storage_bytes(p.grad.to_local() for p in run.model.parameters()
+                                                if p.grad is not None))
+        run.step()
+        max_drift = max(max_drift, drift(before, snapshot(), trained))
+
+    end_live = live_state_bytes(optimizer.state)
+    report = run.ist.memory_report() if run.ist is not None else None
+    if report is not None:
+        trainable_bytes = report["trainable_param_bytes_unsharded"]
+    else:
+        trainable_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad)
+    return {
+        "name": name, "stage": FSDP2, "init_s": init_s,
+        "peak_live": peak["live"], "end_live": sum(end_live.values()),
+        "offloaded_host": (report or {}).get("optimizer_state_bytes", {}).get("offloaded_host", 0),
+        "offloaded_disk": (report or {}).get("optimizer_state_bytes", {}).get("offloaded_disk", 0),
+        "report": report,
+        "trainable_grad_bytes": trainable_bytes,
+        "zero_grad_bytes": max(grad_shards),
+        "saved_act": saved_act, "saved_par": saved_par, "selections": selections,
+        "drift": max_drift, "loss": float(loss),
+    }
+
+
 def bare_saved_bytes(zero3_linear: bool, data) -> dict:
     """Saved-for-backward activation bytes of one forward of the bare PEFT model (no engine) for every
     selection of N_u = 2 of the 8 layers and for all layers, keyed by the sorted tuple of trained layers.
@@ -273,18 +348,22 @@ def _rank_main(rank, world, stages, rows, steps):
         for name, ist, zero_extra, on_stages in rows:
             if stage in on_stages:
                 if rank == 0:
-                    common.log(f"ZeRO-{stage}: {name}")
-                results.append(_run(rank, world, stage, name, ist, zero_extra, steps, data,
-                                    measure_saved=ist != LISA))
+                    common.log(f"{label(stage)}: {name}")
+                if stage == FSDP2:
+                    results.append(_run_fsdp(rank, world, name, ist, steps, data, measure_saved=True))
+                else:
+                    results.append(_run(rank, world, stage, name, ist, zero_extra, steps, data,
+                                        measure_saved=ist != LISA))
     return results
 
 
 # ---------------------------------------------------------------------- report
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args(argv)
+    args.stages = [BACKENDS[b] for b in args.backends]
 
     rows = ROWS + [(LISA, LISA, {}, (2,))]
     start = time.perf_counter()
@@ -301,9 +380,9 @@ def main(argv=None) -> int:
     verdicts, lisa_lines = [], []
     for stage in args.stages:
         per_rank = [[r for r in res if r["stage"] == stage] for res in results]
-        print(f"## ZeRO-{stage}: bytes per rank\n")
+        print(f"## {label(stage)}: bytes per rank\n")
         headers = ["row", "rank", "optim live MiB (peak)", "optim live MiB (end)", "offloaded host MiB",
-                   "trainable grad MiB", "ZeRO grad buffers MiB", "saved act MiB", "saved param MiB",
+                   "trainable grad MiB", "grad shards MiB", "saved act MiB", "saved param MiB",
                    "frozen drift"]
         body = []
         for rk in range(2):
@@ -315,10 +394,10 @@ def main(argv=None) -> int:
         print(common.table(headers, body))
         print()
 
-        print(f"## ZeRO-{stage}: ratios vs uniform LoRA (ist.enabled=false; rows with "
+        print(f"## {label(stage)}: ratios vs uniform LoRA (ist.enabled=false; rows with "
               "memory_efficient_linear=false vs the uniform row with the same setting)\n")
         headers = ["row", "rank", "optim live (peak)", "optim live + host", "trainable grad",
-                   "ZeRO grad buffers", f"saved act ({args.steps} steps)", "saved act (all 28 selections)",
+                   "grad shards", f"saved act ({args.steps} steps)", "saved act (all 28 selections)",
                    "engine vs bare model"]
         body = []
         for rk in range(2):
@@ -344,23 +423,23 @@ def main(argv=None) -> int:
                              "-" if dev is None else f"{100 * dev:.2f}%"])
                 if r["name"] in ("IST drop", "IST offload (host)"):
                     ratio = r["peak_live"] / b["peak_live"]
-                    verdicts.append((f"ZeRO-{stage} rank {rk}, {r['name']}: live optimizer state / uniform = "
+                    verdicts.append((f"{label(stage)} rank {rk}, {r['name']}: live optimizer state / uniform = "
                                      f"{ratio:.3f} (target <= {TARGET_STATE})", ratio <= TARGET_STATE))
                 if r["name"].startswith("IST drop"):
-                    verdicts.append((f"ZeRO-{stage} rank {rk}, {r['name']}: saved-for-backward activations / "
+                    verdicts.append((f"{label(stage)} rank {rk}, {r['name']}: saved-for-backward activations / "
                                      f"uniform = {expected:.3f} expected over all {n} selections, {act / b_act:.3f} "
                                      f"over the {args.steps} steps run (target <= {TARGET_SAVED})",
                                      expected <= TARGET_SAVED))
                 if r["name"] == LISA:
                     lisa_lines.append(
-                        f"ZeRO-{stage} rank {rk}, {LISA}: PEFT parameters of layers frozen in a step moved by up "
+                        f"{label(stage)} rank {rk}, {LISA}: PEFT parameters of layers frozen in a step moved by up "
                         f"to {r['drift']:.3g} in that step; live optimizer state / uniform = "
                         f"{r['peak_live'] / b['peak_live']:.3f} (every layer's state kept and stepped)")
         print(common.table(headers, body))
         print()
         gated = [r for rk in range(2) for r in per_rank[rk] if r["name"] != LISA]
         worst = max(r["drift"] for r in gated)
-        verdicts.append((f"ZeRO-{stage}: layers not selected in a step stay bit-identical, every IST/RST/uniform "
+        verdicts.append((f"{label(stage)}: layers not selected in a step stay bit-identical, every IST/RST/uniform "
                          f"row, both ranks (max change {worst:.3g})", worst == 0.0))
 
     print("## Ratios and targets (per rank, vs uniform LoRA measured in the same run)\n")
