@@ -61,8 +61,9 @@ ROWS = [
     ("IST drop", {"optimizer_state": "drop"}, {}, ALL),
     ("RST keep", {"strategy": "rst"}, {}, ALL),
     ("RST drop", {"strategy": "rst", "optimizer_state": "drop"}, {}, ALL),
-    # ZeRO-3 replaces torch.nn.functional.linear by default (memory_efficient_linear), and its
-    # replacement saves the input of every linear for backward, trainable or not
+    # ZeRO-3 replaces torch.nn.functional.linear by default (memory_efficient_linear) by a function
+    # that saves the input of every linear for backward, trainable or not; ist_ds swaps it for one
+    # that saves the input only where the weight trains. These rows run torch's own linear instead.
     ("uniform LoRA, memory_efficient_linear=false", {"enabled": False}, NO_MEL, (3,)),
     ("IST drop, memory_efficient_linear=false", {"optimizer_state": "drop"}, NO_MEL, (3,)),
 ]
@@ -302,17 +303,20 @@ def _run_fsdp(rank, world, name, ist, steps, data, measure_saved):
     }
 
 
-def bare_saved_bytes(zero3_linear: bool, data) -> dict:
+def bare_saved_bytes(linear: str, data) -> dict:
     """Saved-for-backward activation bytes of one forward of the bare PEFT model (no engine) for every
     selection of N_u = 2 of the 8 layers and for all layers, keyed by the sorted tuple of trained layers.
 
     Which tensors autograd saves depends only on which parameters require grad and on the linear
     function in use, so this gives IST's expectation over all selections cheaply (ZeRO-3 does not allow
-    forwards without backward); ``zero3_linear`` swaps in the linear ZeRO-3 installs by default
-    (``memory_efficient_linear``). The engine's own figures for the selections seen in training are
-    compared with these.
+    forwards without backward). ``linear``: ``torch`` (stock), ``zero3`` (the linear ZeRO-3 installs by
+    default, ``memory_efficient_linear``) or ``selective`` (ist_ds's replacement of it under IST, which
+    saves a linear's input only when its weight trains). The engine's own figures for the selections
+    seen in training are compared with these.
     """
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    from ist_ds.backends.zero3_linear import selective_linear
 
     from ist_ds.layers import discover_layers, set_trainable
 
@@ -320,8 +324,7 @@ def bare_saved_bytes(zero3_linear: bool, data) -> dict:
     layer_map = discover_layers(model)
     batch = common.rank_batch(data, 0, 0, 1, MICRO)
     original = torch.nn.functional.linear
-    if zero3_linear:
-        torch.nn.functional.linear = zero3_linear_wrap
+    torch.nn.functional.linear = {"torch": original, "zero3": zero3_linear_wrap, "selective": selective_linear}[linear]
     out = {}
     try:
         n = layer_map.num_layers
@@ -341,8 +344,8 @@ def _rank_main(rank, world, stages, rows, steps):
     _reset_linear()
     if rank == 0:
         common.log("bare model: saved tensors for every selection, stock torch linear")
-    # rank 0 enumerates with torch's linear, rank 1 with ZeRO-3's; no collectives involved
-    bare = {("torch" if rank == 0 else "zero3"): bare_saved_bytes(zero3_linear=rank == 1, data=data)}
+    # rank 0 enumerates with torch's linear, rank 1 with ZeRO-3's and IST's; no collectives involved
+    bare = {k: bare_saved_bytes(k, data) for k in (("torch",) if rank == 0 else ("zero3", "selective"))}
     results = [{"bare": bare}]
     for stage in stages:
         for name, ist, zero_extra, on_stages in rows:
@@ -408,7 +411,8 @@ def main(argv=None) -> int:
                 b_act = mean(b["saved_act"])
                 act = mean(r["saved_act"])
                 # the bare model's figures with the linear this engine runs
-                table_ = bare["zero3" if stage == 3 and not no_mel else "torch"]
+                # (ist_ds swaps ZeRO-3's linear for its selective one; plain DeepSpeed rows keep ZeRO-3's)
+                table_ = bare["torch" if stage != 3 or no_mel else "zero3" if r["name"] == BASE else "selective"]
                 n = len(table_) - 1
                 expected = sum(v for k, v in table_.items() if len(k) == 2) / n / table_[tuple(range(8))]
                 dev = max((abs(a - table_[sel]) / table_[sel] for a, sel in zip(r["saved_act"], r["selections"])

@@ -135,6 +135,9 @@ def _train(rank, world, cfg, steps, data, check=True, grad_acc=1, checkpointing=
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, *_ = ist_ds.initialize(model=model, config=cfg, scoring_data=data)
+    if stage == 3:  # ZeRO-3's memory-efficient linear, swapped for ist_ds's selective one
+        from ist_ds.backends.zero3_linear import selective_linear
+        assert torch.nn.functional.linear is selective_linear
     ist = engine.ist
     history = []
     for step in range(steps):
@@ -274,19 +277,21 @@ def test_client_optimizer_bf16_accumulation_checkpointing():
     assert [h[0] for h in results[0]["bf16_acc_ckpt"]["history"]] == [h[0] for h in results[1]["bf16_acc_ckpt"]["history"]]
 
 
-def _ds_equivalence(rank, world):
+def _ds_equivalence(rank, world, stage):
     data = make_data()
-    cfg = ds_config(2, "keep", scheduler=False, weight_decay=0.1)
+    cfg = ds_config(stage, "keep", scheduler=False, weight_decay=0.1)
     run = _train(rank, world, cfg, 7, data, check=False)
     return run
 
 
-def test_two_ranks_match_single_process_trainer():
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_single_process_trainer(stage):
+    """ZeRO-3 also runs ist_ds's selective linear (inputs of frozen linears not saved for backward)."""
     from ist_ds.core import ISTConfig
     from ist_ds.trainer import SingleProcessTrainer
     from torch.utils.data import default_collate
 
-    results = run_ranks(_ds_equivalence, 2)
+    results = run_ranks(_ds_equivalence, 2, stage)
     data = make_data()
     cfg = ds_config(2, "keep")
     trainer = SingleProcessTrainer(make_model(), ISTConfig.from_dict(cfg["ist"]), data, default_collate,

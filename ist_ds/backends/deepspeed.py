@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from ist_ds.backends import zero3_linear
 from ist_ds.checkpoint import (IST_STATE_FILE, atomic_torch_save, publish_latest, read_latest, rng_file,
                                 rng_state, safe_load, set_rng_state)
 from ist_ds.collectives import default_collectives
@@ -243,6 +244,8 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     controller = build_controller(
         engine.module, ist_config, inner, layer_map, scoring_dataset,
         scoring_collate_fn or collate_fn, engine.device, collectives, rank=collectives.rank)
+    if engine.zero_optimization_stage() == 3:
+        zero3_linear.install()  # frozen linears stop saving their inputs for backward
     hook = DeepSpeedIST(engine, controller)
     hook._install()
     engine.ist = hook

@@ -57,6 +57,7 @@ from ist_ds.errors import ISTConfigError
 from ist_ds.layers import LayerMap, discover_layers, set_trainable
 from ist_ds.optimizer_gate import LAYER_KEY
 from ist_ds.param_groups import layer_param_groups
+from ist_ds.backends import zero3_linear
 from ist_ds.trainer import build_controller
 
 try:  # layer discovery for the config's target (PEFT blocks, or whole blocks in full mode)
@@ -254,6 +255,8 @@ class ISTTrainerMixin:
                                       collectives, forward=self._ist_forward, rank=collectives.rank)
         self.ist = controller
         self._ist_active = True
+        if getattr(self, "is_deepspeed_enabled", False) and self.model_wrapped.zero_optimization_stage() == 3:
+            zero3_linear.install()  # frozen linears stop saving their inputs for backward
         if self._ist_resume_from is not None:
             self._ist_load(self._ist_resume_from)
         controller.start()

@@ -1,0 +1,84 @@
+"""ZeRO-3's memory-efficient linear, saving a linear's input only when its weight trains.
+
+ZeRO-3 (with ``zero_optimization.memory_efficient_linear``, on by default) replaces
+``torch.nn.functional.linear`` process-wide by ``LinearFunctionForZeroStage3``, an autograd function
+that saves the weight as the parameter itself (so the gathered weight can be released after the
+forward and gathered again in backward) and *always* saves the input. The input is needed only for
+the weight's gradient. Under uniform LoRA that costs little, but under IST most LoRA weights are
+frozen in a step, and the frozen base weights never need it: with DeepSpeed's function every base
+linear of every block still keeps its input alive until backward, which erases a quarter of the
+activation memory that freezing unselected layers saves (bench/memory.py measures both).
+
+:class:`SelectiveLinearFunction` is DeepSpeed's function with one change: the input is saved only
+when the weight requires grad at the forward (``ctx.needs_input_grad[1]`` is then true; otherwise
+DeepSpeed's backward never reads the input). Everything else (autocast handling, gathering a
+partitioned weight in backward, the bias gradient) is DeepSpeed's own code, inherited.
+
+:func:`install` swaps it in for DeepSpeed's function, only where DeepSpeed installed its own, and
+keeps DeepSpeed's record of the original ``linear`` (``linear_bk``) untouched, so whatever restores
+torch's linear still does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _deepspeed_function():
+    from deepspeed.runtime.zero.linear import LinearFunctionForZeroStage3
+
+    return LinearFunctionForZeroStage3
+
+
+class _Holder:
+    function = None
+
+
+def _selective_function():
+    """Built on first use, so that importing ist_ds does not import DeepSpeed."""
+    if _Holder.function is None:
+        base = _deepspeed_function()
+
+        class SelectiveLinearFunction(base):
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                base.setup_context(ctx, inputs, output)
+                input, weight = inputs[0], inputs[1]
+                if not weight.requires_grad:
+                    bias = inputs[2] if len(inputs) > 2 else None
+                    ctx.save_for_backward(None, weight, bias)  # replaces DeepSpeed's (input, weight, bias)
+
+        SelectiveLinearFunction.__qualname__ = "SelectiveLinearFunction"
+        SelectiveLinearFunction.__module__ = __name__
+        _Holder.function = SelectiveLinearFunction
+    return _Holder.function
+
+
+def selective_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.nn.functional.linear`` under ZeRO-3 with IST: see the module docstring."""
+    return _selective_function().apply(input, weight, bias)
+
+
+def install() -> bool:
+    """Use :func:`selective_linear` where DeepSpeed installed its ZeRO-3 linear; True if swapped.
+
+    Does nothing when ``torch.nn.functional.linear`` is anything else (torch's own, because
+    ``memory_efficient_linear`` is off, or another library's replacement).
+    """
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    current = torch.nn.functional.linear
+    if current is selective_linear:
+        return True
+    if current is not zero3_linear_wrap:
+        return False
+    torch.nn.functional.linear = selective_linear
+    logger.info("ZeRO-3 linear: inputs are saved for backward only where the weight trains")
+    return True
+
+
+__all__ = ["selective_linear", "install"]
