@@ -4,6 +4,10 @@ Sections: ``model``, ``peft``, ``data``, ``training``, ``backend``, ``ist`` (the
 DeepSpeed config carries; see docs/config.md) and ``output_dir``. Every key has a default, so an
 empty file is the embedded quick start; unknown keys, wrong types and impossible values raise one
 :class:`~ist_ds.errors.ISTConfigError` naming the key, before anything is built or written.
+
+Full-layer IST (``ist.target: full``) goes with ``peft.method: none``: the job then trains the
+model's own blocks and no adapter is added. Both keys are required so that a recipe says plainly
+whether it fine-tunes adapters or weights.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class PeftSection:
-    method: str = "lora"                # lora | dora | loha | lokr | ia3
+    method: str = "lora"                # lora | dora | loha | lokr | ia3 | none (with ist.target: full)
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
@@ -85,7 +89,7 @@ SECTIONS = {"model": ModelSection, "peft": PeftSection, "data": DataSection, "tr
             "backend": BackendSection}
 CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16"),
-    ("peft", "method"): ("lora", "dora", "loha", "lokr", "ia3"),
+    ("peft", "method"): ("lora", "dora", "loha", "lokr", "ia3", "none"),
     ("backend", "name"): ("deepspeed", "fsdp", "single"),
     ("backend", "zero_stage"): (0, 1, 2, 3),
 }
@@ -222,6 +226,14 @@ def _cross_checks(r: Recipe) -> None:
         raise ISTConfigError(f"training.max_grad_norm must be positive or null, got {t.max_grad_norm}")
     if not t.lr > 0:
         raise ISTConfigError(f"training.lr must be positive, got {t.lr}")
+    # Full-layer IST trains the blocks' own weights; adapters would be trained along with them (and
+    # PEFT mode has nothing to train without adapters), so the two keys must agree.
+    if r.ist.target == "full" and r.peft.method != "none":
+        raise ISTConfigError(f"ist.target: full trains the transformer blocks' own weights without PEFT adapters, "
+                             f"but peft.method is {r.peft.method!r}; set peft.method: none")
+    if r.peft.method == "none" and r.ist.target != "full":
+        raise ISTConfigError("peft.method: none (no adapters) needs ist.target: full; PEFT mode (the default "
+                             "target) trains the adapters of a PEFT method")
     if not 0 <= r.peft.dropout < 1:
         raise ISTConfigError(f"peft.dropout must lie in [0, 1), got {r.peft.dropout}")
     if r.backend.deepspeed_config is not None and r.backend.name != "deepspeed":

@@ -2,8 +2,10 @@
 
 Each adapter offers the same small surface to the job loop in :mod:`ist_ds.runner`: ``model`` (the
 module to run forwards on), ``train_step(micro_batches) -> loss``, ``lr()``, ``ist`` (the
-controller, or None when IST is off), ``save_checkpoint(dir)``/``load_checkpoint(dir)`` and
-``adapter_state()`` (the full PEFT weights, on rank 0, for ``save_pretrained``).
+controller, or None when IST is off), ``save_checkpoint(dir)``/``load_checkpoint(dir)``,
+``adapter_state()`` (the full PEFT weights, on rank 0, for ``save_pretrained``) and ``model_state()``
+(every weight of the model, full size, on rank 0: the output of full-layer IST). Both are collectives
+on sharded backends, so every rank calls them; ranks other than 0 get ``None``.
 """
 
 from __future__ import annotations
@@ -120,6 +122,30 @@ class DeepSpeedRun:
                 return {k: v.detach().clone().cpu() for k, v in state.items()} if rank0 else None
         return get_peft_model_state_dict(self.model) if rank0 else None
 
+    def model_state(self) -> dict | None:
+        """Every weight of the model on rank 0 as host tensors (ZeRO-3: gathered one parameter at a time)."""
+        import deepspeed
+        import torch.distributed as dist
+
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if self.stage != 3:
+            return _host_state(self.model) if rank0 else None
+        out = {}
+        for name, p in self.model.named_parameters():  # one gather at a time: never the whole model at once
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if rank0:
+                    out[name] = p.detach().to("cpu", copy=True)
+        if not rank0:
+            return None
+        keys = self.model.state_dict().keys()  # persistent buffers only, as state_dict() has them
+        out.update({n: b.detach().to("cpu", copy=True) for n, b in self.model.named_buffers() if n in keys})
+        return out
+
+
+def _host_state(model: torch.nn.Module) -> dict:
+    """``model.state_dict()`` as host copies: tied weights become separate tensors, as safetensors needs."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
 
 class SingleRun:
     def __init__(self, recipe: Recipe, model, train_dataset, collate, device) -> None:
@@ -151,6 +177,9 @@ class SingleRun:
         from peft import get_peft_model_state_dict
 
         return get_peft_model_state_dict(self.model)
+
+    def model_state(self) -> dict:
+        return _host_state(self.model)
 
 
 def warmup_decay(total_steps: int, warmup_steps: int):
@@ -221,3 +250,13 @@ class FSDPRun:
         if dist.is_initialized() and dist.get_rank() != 0:
             return None
         return get_peft_model_state_dict(self.model, state_dict=full)
+
+    def model_state(self) -> dict | None:
+        """Every weight as a full host tensor on rank 0 (a collective; FSDP2 gathers each DTensor)."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}

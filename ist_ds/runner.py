@@ -4,6 +4,10 @@ This is what ``ist-ds train`` and ``launch/train.py`` run, under any launcher (`
 ``torchrun``, ``mpirun``, ``srun``, or plain ``python`` for one process). Outputs in ``output_dir``:
 ``adapter/`` (loadable by plain ``peft``), ``ist_state.pt``, ``summary.json``, ``recipe.yaml``,
 ``tokenizer`` files, ``checkpoints/`` when ``save_every`` is set.
+
+With ``ist.target: full`` (and ``peft.method: none``) the model is not wrapped with PEFT: IST trains
+the blocks' own weights, and the job writes ``model/`` (``config.json`` and ``model.safetensors``,
+loadable by ``transformers.AutoModelForCausalLM.from_pretrained``) instead of ``adapter/``.
 """
 
 from __future__ import annotations
@@ -64,9 +68,17 @@ def _build_model(recipe: Recipe, tokenizer):
         model = build_model(m.arch, seed=m.seed, **overrides).to(dtype)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if _full_mode(recipe):  # the backend's discovery sets requires_grad on the blocks (ist.full_params)
+        logger.info("ist.target: full: training the transformer blocks' own weights, no PEFT adapters")
+        return model
     extra = {"modules_to_save": list(p.modules_to_save)} if p.modules_to_save else {}
     return apply_peft(model, p.method, r=p.r, alpha=p.alpha, dropout=p.dropout,
                       target_modules=list(p.target_modules) if p.target_modules else None, **extra)
+
+
+def _full_mode(recipe: Recipe) -> bool:
+    """Whether the job trains the blocks' own weights (``ist.target: full``) instead of PEFT adapters."""
+    return recipe.ist.target == "full"
 
 
 def run(recipe: Recipe, resume: bool = False) -> dict:
@@ -199,9 +211,10 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int) -> dict:
         summary["importance"] = (-backend.ist.scores).tolist()
         summary["selection_counts"] = list(backend.ist.selection_counts)
         summary["memory"] = backend.ist.memory_report()
-    adapter = backend.adapter_state()
+    # A collective on sharded backends (ZeRO-3 gathers, FSDP2 full tensors): every rank calls it.
+    weights = backend.model_state() if _full_mode(recipe) else backend.adapter_state()
     if rank == 0:
-        _write_outputs(recipe, backend, tokenizer, adapter, summary)
+        _write_outputs(recipe, backend, tokenizer, weights, summary)
         _log_summary(summary)
     return summary
 
@@ -224,14 +237,23 @@ def _global_batches(dataset, sampler, collate, micro: int, grad_acc: int, steps_
         step = (epoch + 1) * steps_per_epoch
 
 
-def _write_outputs(recipe: Recipe, backend, tokenizer, adapter: dict, summary: dict) -> None:
+def _write_outputs(recipe: Recipe, backend, tokenizer, weights: dict, summary: dict) -> None:
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import save_file
 
     out = recipe.output_dir
-    os.makedirs(os.path.join(out, "adapter"), exist_ok=True)
-    backend.model.peft_config["default"].save_pretrained(os.path.join(out, "adapter"))
-    save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(out, "adapter", SAFETENSORS_WEIGHTS_NAME))
+    if _full_mode(recipe):
+        # The whole model: every block trained some steps, and a loadable checkpoint needs the rest too.
+        model_dir = os.path.join(out, "model")
+        os.makedirs(model_dir, exist_ok=True)
+        backend.model.config.save_pretrained(model_dir)
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(model_dir, "model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        os.makedirs(os.path.join(out, "adapter"), exist_ok=True)
+        backend.model.peft_config["default"].save_pretrained(os.path.join(out, "adapter"))
+        save_file({k: v.contiguous() for k, v in weights.items()},
+                  os.path.join(out, "adapter", SAFETENSORS_WEIGHTS_NAME))
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out)
     if backend.ist is not None:

@@ -4,7 +4,8 @@ Single-process tests cover block-list discovery on plain Hugging Face models, th
 subset, ``train_outside``, both full-mode suppression rules (residual: exact formula and exact
 restore; delta: ``W0 + lambda * (W - W0)`` and exact restore) and the config errors. Two forked CPU
 ranks run whole training runs on ZeRO-2 and ZeRO-3 and check after every optimizer step, on both
-ranks, what tests/test_deepspeed.py checks for PEFT mode:
+ranks, what tests/test_deepspeed.py checks for PEFT mode; a third 2-rank run does the same on FSDP2
+(``fully_shard`` per block, where each block's fp32 sharded parameters are its masters):
 
 - unselected blocks' weights and fp32 masters are bit-identical across the step; selected blocks change;
 - parameters IST never trains (outside the blocks with ``train_outside: never``, the part of a block
@@ -13,6 +14,10 @@ ranks, what tests/test_deepspeed.py checks for PEFT mode:
 - ``offload`` (host, disk) ends bit-identical to ``keep``; unselected blocks hold no live state;
 - ``drop``: a re-selected block restarts Adam at step 1; live state is at most ``N_u / L`` of ``keep``;
 - both ranks hold the same selection and scores at every step, and the scores move.
+
+A short job from ``configs/quickstart_full.yaml`` (single process) checks that the job runner trains
+full-layer IST end to end: no PEFT wrapping, the saved model loads with ``transformers``, blocks
+never selected and parameters outside the blocks equal the initial model's.
 """
 
 from __future__ import annotations
@@ -427,3 +432,215 @@ def test_full_mode_zero(stage, tmp_path):
         trained = len({i for h in keep["history"] for i in h[0]})
         assert live(r0["drop-host"]["report"]) <= live(keep["report"]) / trained * 1.05
         assert r0["offload-host"]["report"]["optimizer_state_bytes"]["offloaded_host"] > 0
+
+
+# ---------------------------------------------------------------------- 2 ranks, FSDP2
+def _fsdp_local(params):
+    """This rank's shards of ``params`` (DTensor local tensors), cloned."""
+    return [p.to_local().detach().clone() for p in params]
+
+
+def _fsdp_states(run):
+    """Each block's optimizer state on this rank (local shards), as held by the optimizer now."""
+    state = run.optimizer.state
+    return {layer.index: [{k: (v.to_local() if hasattr(v, "to_local") else v).clone() for k, v in state[p].items()}
+                          for _, p in layer.params if p in state and state[p]]
+            for layer in run.layer_map.layers}
+
+
+def _train_fsdp_full(rank, world, block, steps, data):
+    """Train ``steps`` steps of full-layer IST on FSDP2, asserting the invariants after each one."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ist_ds.backends.fsdp import setup
+
+    mode = block["optimizer_state"]
+    run = setup(build_model("llama", seed=0), block, mesh=init_device_mesh("cpu", (world,)), scoring_data=data,
+                collate_fn=default_collate, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
+    ist, lm = run.ist, run.layer_map
+    named = dict(run.model.named_parameters())
+    in_blocks = {n for layer in lm.layers for n, _ in layer.params}
+    outside = [n for n, _ in lm.outside_params]
+    never = sorted(set(named) - in_blocks - set(outside))
+    initial_never = _fsdp_local([named[n] for n in never])
+    history = []
+    for step in range(steps):
+        selected = ist.selected_layers
+        # each block's local shards are its fp32 master (FSDP2 keeps fp32 sharded parameters)
+        before = [_fsdp_local([p for _, p in layer.params]) for layer in lm.layers]
+        before_s, before_out = _fsdp_states(run), _fsdp_local([named[n] for n in outside])
+        rows = data[step * MICRO * world + rank * MICRO:][:MICRO]
+        loss = run.model(**default_collate(rows)).loss
+        loss.backward()
+        for layer in lm.layers:  # frozen blocks get no gradient at all: FSDP2 reduce-scatters nothing for them
+            grads = [p.grad is not None for _, p in layer.params]
+            assert all(grads) if layer.index in selected else not any(grads), (step, layer.index, selected)
+        run.step()
+        after, after_s = [_fsdp_local([p for _, p in layer.params]) for layer in lm.layers], _fsdp_states(run)
+        for i in range(NUM_LAYERS):
+            same = _eq_list(before[i], after[i])
+            if i in selected:
+                changed = torch.tensor([0.0 if same else 1.0])
+                dist.all_reduce(changed)  # a rank's shard may hold only unchanged elements; the block must move
+                assert changed.item() > 0, f"step {step}: selected block {i} did not change"
+                continue
+            assert same, f"step {step}: unselected block {i} changed"
+            if mode == "keep":
+                assert _eq_states(before_s[i], after_s[i]), f"step {step}: optimizer state of block {i} changed"
+        if outside:
+            now = _fsdp_local([named[n] for n in outside])
+            assert not _eq_list(before_out, now), f"step {step}: {outside} did not train"
+        now = _fsdp_local([named[n] for n in never])
+        assert _eq_list(initial_never, now), f"step {step}: a never-trained parameter changed"
+        if mode != "keep":
+            for i in range(NUM_LAYERS):
+                if i not in ist.selected_layers:
+                    assert after_s[i] == [], f"step {step}: unselected block {i} still holds optimizer state"
+        if mode == "drop":
+            for i in selected:
+                if before_s[i] == []:
+                    assert all(float(s["step"]) == 1 for s in after_s[i]), f"step {step}: block {i} kept Adam's step"
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (selected, ist.scores.tolist()))
+        assert all(g == gathered[0] for g in gathered), f"ranks disagree at step {step}: {gathered}"
+        history.append((selected, ist.scores.clone()))
+    final = [[p.full_tensor().detach().clone() for _, p in layer.params] for layer in lm.layers]
+
+    def adam_bytes(params):  # exp_avg + exp_avg_sq (fp32 local shards) and the fp32 step scalar, per parameter
+        return sum(2 * 4 * p.to_local().numel() + 4 for p in params)
+
+    return {"history": history, "final": final, "report": run.memory_report(), "never": never, "outside": outside,
+            "block_bytes": [adam_bytes(p for _, p in layer.params) for layer in lm.layers],
+            "outside_bytes": adam_bytes(p for _, p in lm.outside_params), "offload_files": []}
+
+
+def _fsdp_full_runs(rank, world, tmp):
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    data = make_data()
+    base = {"target": "full", "train_layers": 1, "suppress_layers": 2, "update_interval": 3, "seed": 11,
+            "scoring_batch_size": 4, "full_params": ["self_attn", "mlp"], "train_outside": ["lm_head"]}
+    out = {}
+    for mode, target in (("keep", "host"), ("offload", "host"), ("offload", "disk"), ("drop", "host")):
+        block = dict(base, optimizer_state=mode)
+        if mode == "offload":
+            block["offload_target"] = target
+            if target == "disk":
+                block["offload_dir"] = f"{tmp}/offload"
+        out[f"{mode}-{target}"] = _train_fsdp_full(rank, world, block, 7, data)
+        if target == "disk":
+            out[f"{mode}-{target}"]["offload_files"] = sorted(os.listdir(f"{tmp}/offload"))
+    return out
+
+
+def test_full_mode_fsdp(tmp_path):
+    import ist_ds.backends.fsdp  # noqa: F401  (imported before forking: the ranks inherit it)
+
+    r0, r1 = run_ranks(_fsdp_full_runs, 2, str(tmp_path))
+    for key in r0:  # both ranks: same selections and bit-identical scores at every step
+        assert [h[0] for h in r0[key]["history"]] == [h[0] for h in r1[key]["history"]]
+        assert all(torch.equal(a[1], b[1]) for a, b in zip(r0[key]["history"], r1[key]["history"]))
+    keep = r0["keep-host"]
+    assert keep["outside"] == ["lm_head.weight"]
+    assert "model.embed_tokens.weight" in keep["never"] and "model.layers.0.input_layernorm.weight" in keep["never"]
+    assert not torch.equal(keep["history"][-1][1], torch.zeros(NUM_LAYERS))  # updates at steps 3 and 6 moved scores
+    for key in ("offload-host", "offload-disk"):
+        assert [h[0] for h in r0[key]["history"]] == [h[0] for h in keep["history"]]
+        assert all(_eq_list(a, b) for a, b in zip(keep["final"], r0[key]["final"])), f"{key} differs from keep"
+    assert r0["offload-disk"]["offload_files"], "offload to disk wrote no file"
+    assert [h[0] for h in r0["drop-host"]["history"]] == [h[0] for h in keep["history"]]
+    assert not all(_eq_list(a, b) for a, b in zip(keep["final"], r0["drop-host"]["final"]))  # drop restarted Adam
+
+    def live(report):
+        return sum(v for k, v in report["optimizer_state_bytes"].items() if k.startswith("live"))
+
+    for runs in (r0, r1):  # bytes on each rank: exact Adam state of the blocks that hold it, plus lm_head's
+        keep, host, disk, drop = (runs[k] for k in ("keep-host", "offload-host", "offload-disk", "drop-host"))
+        trained = {i for h in keep["history"] for i in h[0]}
+        assert live(keep["report"]) == sum(keep["block_bytes"][i] for i in trained) + keep["outside_bytes"]
+        for run, where in ((host, "offloaded_host"), (disk, "offloaded_disk")):
+            b = run["report"]["optimizer_state_bytes"]
+            assert live(run["report"]) <= max(run["block_bytes"]) + run["outside_bytes"]  # N_u = 1 block live
+            assert b[where] > 0 and live(run["report"]) + b[where] == live(keep["report"])
+        assert live(drop["report"]) <= max(drop["block_bytes"]) + drop["outside_bytes"]
+        assert drop["report"]["optimizer_state_bytes"]["offloaded_host"] == 0
+
+
+def test_fsdp_refuses_delta_before_sharding():
+    from ist_ds.backends.fsdp import setup
+
+    model = build_model("llama", seed=0)
+    with pytest.raises(ISTConfigError, match="delta is not supported on FSDP2"):
+        setup(model, {"target": "full", "full_suppression": "delta", "strategy": "rst", "train_layers": 1})
+    assert not any(type(m).__name__.startswith("FSDP") for m in model.modules())
+
+
+# ---------------------------------------------------------------------- the job runner
+def test_recipe_requires_peft_none_with_full_target():
+    from ist_ds.recipe import Recipe
+
+    with pytest.raises(ISTConfigError, match="set peft.method: none"):
+        Recipe.from_dict({"ist": {"target": "full"}})
+    with pytest.raises(ISTConfigError, match="peft.method: none .* needs ist.target: full"):
+        Recipe.from_dict({"peft": {"method": "none"}})
+    recipe = Recipe.from_yaml("configs/quickstart_full.yaml")
+    assert recipe.ist.target == "full" and recipe.peft.method == "none"
+    assert recipe.with_overrides(["backend.name=single"]).ist == recipe.ist
+
+
+def test_quickstart_full_job_single_process(tmp_path):
+    """launch/train.py runs full-layer IST from configs/quickstart_full.yaml (backend single): blocks
+    never selected, the blocks' norms (outside ``full_params``) and everything outside the blocks leave
+    the job bit-identical to the initial model; selected blocks' attention and MLP weights moved."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from ist_ds.data import ByteTokenizer
+    from ist_ds.recipe import Recipe
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "run"
+    steps = 4
+    cmd = [sys.executable, "launch/train.py", "--config", "configs/quickstart_full.yaml",
+           "--set", "backend.name=single", "--set", f"training.max_steps={steps}", "--set", "training.log_every=2",
+           "--set", "ist.train_layers=1", "--set", "ist.update_interval=2", "--set", "data.max_eval_examples=8",
+           "--set", "training.tensorboard=false", "--set", f"output_dir={out}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "model" / "config.json").is_file() and (out / "ist_state.pt").is_file()
+    assert not (out / "adapter").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    counts = summary["selection_counts"]
+    assert summary["steps"] == steps and sum(counts) == steps  # 1 block per step
+    assert any(s != 0 for s in summary["scores"]) and "eval_loss" in summary
+
+    recipe = Recipe.from_yaml(os.path.join(root, "configs/quickstart_full.yaml"))
+    tok = ByteTokenizer()
+    initial = build_model("llama", seed=recipe.model.seed, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **recipe.model.config)
+    saved = load_file(out / "model" / "model.safetensors")
+    start = dict(initial.named_parameters())
+    assert set(start) <= set(saved)
+    for name, p in start.items():
+        same = torch.equal(p.detach(), saved[name])
+        if name.startswith("model.layers."):
+            block = int(name.split(".")[2])
+            trained = counts[block] > 0 and ("self_attn" in name or "mlp" in name)
+            assert same != trained, f"{name}: trained {trained} but {'unchanged' if same else 'changed'}"
+        else:
+            assert same, f"{name} is outside the blocks (train_outside: never) but changed"
+    assert counts.count(0) >= 8 - steps
+    from transformers import AutoModelForCausalLM  # the output is an ordinary transformers checkpoint
+
+    loaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert all(torch.equal(p, saved[n]) for n, p in loaded.named_parameters())

@@ -448,6 +448,11 @@ def setup(model: torch.nn.Module, ist_config: ISTConfig | Mapping[str, Any] | No
     :class:`~ist_ds.errors.ISTModelError` for a model without PEFT adapters, before any sharding.
     """
     config = ist_config if isinstance(ist_config, ISTConfig) else ISTConfig.from_dict(ist_config)
+    if config.target == "full" and config.full_suppression == "delta":
+        # Discovery refuses delta only once the blocks are DTensors; refuse it here, before sharding,
+        # so that a bad block leaves the caller's model as it was.
+        raise ISTConfigError("full_suppression: delta is not supported on FSDP2 (it writes W0 + lambda (W - W0) "
+                             "into sharded weights); use full_suppression: residual")
     before = discover_for(model, config)
     if config.enabled:
         config.resolve(before.num_layers)
