@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import torch  # noqa: E402
+from ist_ds.monitor import PeakStateProbe  # noqa: E402
 
 MICRO = 4
 N_TRAIN = 2
@@ -108,23 +109,6 @@ def _local_bytes(tensors) -> int:
     return common.storage_bytes(local)
 
 
-class PeakLive:
-    """Wraps ``optimizer.step`` and records the largest live optimizer state right after a step."""
-
-    def __init__(self, optimizer) -> None:
-        from ist_ds.optimizer_state import live_state_bytes
-
-        self.peak = 0
-        inner = optimizer.step
-
-        def step(*args, **kwargs):
-            out = inner(*args, **kwargs)
-            self.peak = max(self.peak, sum(live_state_bytes(optimizer.state).values()))
-            return out
-
-        optimizer.step = step
-
-
 def block_snapshot(layer_map, gather) -> list[list[torch.Tensor]]:
     params = [[p for _, p in layer.params] for layer in layer_map.layers]
     with gather([p for ps in params for p in ps]):
@@ -161,7 +145,7 @@ def _run_deepspeed(rank, world, stage, name, extra, steps, data, offload_dir):
         layer_map = engine.ist.layer_map
     ist = getattr(engine, "ist", None)
     inner = engine.basic_optimizer
-    peak = PeakLive(inner)
+    peak = PeakStateProbe(inner)
     gather = (lambda ps: deepspeed.zero.GatheredParameters(ps)) if stage == 3 else (lambda ps: contextlib.nullcontext())
     generator = torch.Generator().manual_seed(1234)
     max_drift, loss = 0.0, None
@@ -200,7 +184,7 @@ def _run_fsdp(rank, world, name, extra, steps, data, offload_dir):
     block = ist_block(extra, offload_dir) if extra is not None else {"enabled": False, "target": "full"}
     run = setup(model, block, mesh=init_device_mesh("cpu", (world,)), scoring_data=data,
                 collate_fn=common.collate, lr=2e-4)
-    peak = PeakLive(run.optimizer)
+    peak = PeakStateProbe(run.optimizer)
     layer_map = run.layer_map
     max_drift, loss = 0.0, None
     for step in range(steps):

@@ -326,8 +326,25 @@ def _eq_states(a, b):
                                     for x, y in zip(a, b))
 
 
-def _train_full(rank, world, cfg, steps, data):
+def _check_state_mode_and_agreement(step, mode, ist, selected, before_s, after_s, world):
+    """offload/drop: unselected blocks hold no optimizer state; drop: a block re-selected after holding
+    none restarts Adam at step 1; every rank has the same selection and scores."""
     import torch.distributed as dist
+
+    if mode != "keep":
+        for i in range(NUM_LAYERS):
+            if i not in ist.selected_layers:
+                assert after_s[i] == [], f"step {step}: unselected block {i} still holds optimizer state"
+    if mode == "drop":
+        for i in selected:
+            if before_s[i] == []:
+                assert all(float(s["step"]) == 1 for s in after_s[i]), f"step {step}: block {i} kept Adam's step"
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (selected, ist.scores.tolist()))
+    assert all(g == gathered[0] for g in gathered), f"ranks disagree at step {step}: {gathered}"
+
+
+def _train_full(rank, world, cfg, steps, data):
 
     import ist_ds
 
@@ -363,17 +380,7 @@ def _train_full(rank, world, cfg, steps, data):
             assert not torch.equal(before[n], after[n]), f"step {step}: {n} (train_outside) did not train"
         for n in never:
             assert torch.equal(initial[n], after[n]), f"step {step}: {n} is never trained but changed"
-        if mode != "keep":
-            for i in range(NUM_LAYERS):
-                if i not in ist.selected_layers:
-                    assert after_s[i] == [], f"step {step}: unselected block {i} still holds optimizer state"
-        if mode == "drop":
-            for i in selected:
-                if before_s[i] == []:
-                    assert all(float(s["step"]) == 1 for s in after_s[i]), f"step {step}: block {i} kept Adam's step"
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (selected, ist.scores.tolist()))
-        assert all(g == gathered[0] for g in gathered), f"ranks disagree at step {step}: {gathered}"
+        _check_state_mode_and_agreement(step, mode, ist, selected, before_s, after_s, world)
         history.append((selected, ist.scores.clone()))
     out = {"history": history, "final": _gathered(engine, stage), "report": ist.memory_report(),
            "never": sorted(never), "outside": sorted(outside_names)}
@@ -493,17 +500,7 @@ def _train_fsdp_full(rank, world, block, steps, data):
             assert not _eq_list(before_out, now), f"step {step}: {outside} did not train"
         now = _fsdp_local([named[n] for n in never])
         assert _eq_list(initial_never, now), f"step {step}: a never-trained parameter changed"
-        if mode != "keep":
-            for i in range(NUM_LAYERS):
-                if i not in ist.selected_layers:
-                    assert after_s[i] == [], f"step {step}: unselected block {i} still holds optimizer state"
-        if mode == "drop":
-            for i in selected:
-                if before_s[i] == []:
-                    assert all(float(s["step"]) == 1 for s in after_s[i]), f"step {step}: block {i} kept Adam's step"
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (selected, ist.scores.tolist()))
-        assert all(g == gathered[0] for g in gathered), f"ranks disagree at step {step}: {gathered}"
+        _check_state_mode_and_agreement(step, mode, ist, selected, before_s, after_s, world)
         history.append((selected, ist.scores.clone()))
     final = [[p.full_tensor().detach().clone() for _, p in layer.params] for layer in lm.layers]
 
