@@ -345,7 +345,6 @@ def _check_state_mode_and_agreement(step, mode, ist, selected, before_s, after_s
 
 
 def _train_full(rank, world, cfg, steps, data):
-
     import ist_ds
 
     stage = cfg["zero_optimization"]["stage"]
