@@ -190,6 +190,9 @@ def _run(rank, world, backend, out_dir, resume_from=None, stage=2, steps=STEPS, 
                          eval_dataset=make_data(8, 2), callbacks=[probe], ist_config=ist_config)
     probe.trainer = trainer
     trainer.train(resume_from_checkpoint=resume_from)
+    if backend == "deepspeed" and stage == 3:  # ZeRO-3's linear was swapped for ist_ds's selective one
+        from ist_ds.backends.zero3_linear import selective_linear
+        assert torch.nn.functional.linear is selective_linear
     optimizer = trainer.model_wrapped.basic_optimizer if backend == "deepspeed" else trainer.optimizer
     return {
         "history": probe.history,
