@@ -14,7 +14,10 @@ The script forks its own ranks (gloo, loopback, one thread per rank; see bench/c
    16 = 8 per rank x 256 tokens. A step is forward + backward + ``engine.step()``, which for IST
    includes the importance update every T-th step. Reported: the median step; IST's median without
    the update; the mean update time; IST's amortised step ``median_without_update + update / T``;
-   and the plain mean over whole T-step cycles.
+   and the plain mean over whole T-step cycles. The target is judged on the last (wall time over
+   whole cycles, each holding one update): an IST step's backward stops at its lowest selected
+   layer, so IST's step time varies with the selection, and the median of its plain steps is not
+   their mean. The median-based estimate is printed beside it.
 2. Where IST's time goes besides the model: IST's own bookkeeping per step (selection, requires_grad,
    state moves, agreement check) and the optimizer gate, timed by wrapping them; then a cProfile of
    rank 0 over IST steps, listing the ist_ds functions.
@@ -266,9 +269,17 @@ def main(argv=None) -> int:
             print(f"rank {rk}: decomposition: per-layer param groups (all / uniform) {all_ / uni:.3f} x sparse "
                   f"backward (IST without update / all) {common.median(s['ist_plain']) / all_:.3f} + importance "
                   f"update (update / T / uniform) {s['upd_mean'] / two[rk]['T'] / uni:.3f}")
-        ratio = s["amort"] / uni
+        # The verdict uses wall time over whole cycles of T steps (every cycle holds one update): an IST
+        # step's backward stops at its lowest selected layer, so its step time varies with the
+        # selection, not only with noise, and the median of the plain steps is not their mean.
+        plain_mean = sum(s["ist_plain"]) / len(s["ist_plain"])
+        print(f"rank {rk}: IST steps without update: median {common.median(s['ist_plain']):.3f} s, mean "
+              f"{plain_mean:.3f} s; median-based estimate (median + update / T) / uniform median = "
+              f"{s['amort'] / uni:.3f}")
+        ratio = s["mean_ist"] / s["mean_uni"]
         verdicts.append((f"rank {rk}: IST step time incl. importance update / uniform LoRA = {ratio:.3f} "
-                         f"<= {TARGET_STEP}", ratio <= TARGET_STEP))
+                         f"(wall time over {s['n_cycle']} steps, {s['n_upd']} updates) <= {TARGET_STEP}",
+                         ratio <= TARGET_STEP))
     ratio = sc2 / sc1
     verdicts.append((f"scoring time per rank, 2 ranks / 1 rank = {sc2:.3f} / {sc1:.3f} = {ratio:.3f} "
                      f"<= {TARGET_SCORING}", ratio <= TARGET_SCORING))
