@@ -21,6 +21,7 @@ torch's linear still does.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -28,34 +29,21 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def _deepspeed_function():
-    from deepspeed.runtime.zero.linear import LinearFunctionForZeroStage3
-
-    return LinearFunctionForZeroStage3
-
-
-class _Holder:
-    function = None
-
-
+@functools.cache
 def _selective_function():
     """Built on first use, so that importing ist_ds does not import DeepSpeed."""
-    if _Holder.function is None:
-        base = _deepspeed_function()
+    from deepspeed.runtime.zero.linear import LinearFunctionForZeroStage3 as base
 
-        class SelectiveLinearFunction(base):
-            @staticmethod
-            def setup_context(ctx, inputs, output):
-                base.setup_context(ctx, inputs, output)
-                input, weight = inputs[0], inputs[1]
-                if not weight.requires_grad:
-                    bias = inputs[2] if len(inputs) > 2 else None
-                    ctx.save_for_backward(None, weight, bias)  # replaces DeepSpeed's (input, weight, bias)
+    class SelectiveLinearFunction(base):
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            base.setup_context(ctx, inputs, output)
+            weight = inputs[1]
+            if not weight.requires_grad:
+                bias = inputs[2] if len(inputs) > 2 else None
+                ctx.save_for_backward(None, weight, bias)  # replaces DeepSpeed's (input, weight, bias)
 
-        SelectiveLinearFunction.__qualname__ = "SelectiveLinearFunction"
-        SelectiveLinearFunction.__module__ = __name__
-        _Holder.function = SelectiveLinearFunction
-    return _Holder.function
+    return SelectiveLinearFunction
 
 
 def selective_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
