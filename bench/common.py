@@ -238,5 +238,14 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def print_verdicts(verdicts: list[tuple[str, bool]], infos: list[str] = ()) -> int:
+    """The last lines of a benchmark: INFO lines, then PASS/FAIL per target; the exit code (0: all pass)."""
+    for line in infos:
+        print(f"INFO  {line}")
+    for text, ok in verdicts:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    return 0 if all(ok for _, ok in verdicts) else 1
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:.2f}"

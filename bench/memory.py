@@ -447,11 +447,7 @@ def main(argv=None) -> int:
                          f"row, both ranks (max change {worst:.3g})", worst == 0.0))
 
     print("## Ratios and targets (per rank, vs uniform LoRA measured in the same run)\n")
-    for line in lisa_lines:
-        print(f"INFO  {line}")
-    for text, ok in verdicts:
-        print(f"{'PASS' if ok else 'FAIL'}  {text}")
-    return 0 if all(ok for _, ok in verdicts) else 1
+    return common.print_verdicts(verdicts, lisa_lines)
 
 
 if __name__ == "__main__":

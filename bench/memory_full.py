@@ -296,11 +296,7 @@ def main(argv=None) -> int:
                          f"both ranks (max change {worst:.3g})", worst == 0.0))
 
     print("## Ratios and targets (per rank, vs full fine-tuning of the blocks measured in the same run)\n")
-    for line in infos:
-        print(f"INFO  {line}")
-    for text, ok in verdicts:
-        print(f"{'PASS' if ok else 'FAIL'}  {text}")
-    return 0 if all(ok for _, ok in verdicts) else 1
+    return common.print_verdicts(verdicts, infos)
 
 
 if __name__ == "__main__":

@@ -283,9 +283,7 @@ def main(argv=None) -> int:
     ratio = sc2 / sc1
     verdicts.append((f"scoring time per rank, 2 ranks / 1 rank = {sc2:.3f} / {sc1:.3f} = {ratio:.3f} "
                      f"<= {TARGET_SCORING}", ratio <= TARGET_SCORING))
-    for text, ok in verdicts:
-        print(f"{'PASS' if ok else 'FAIL'}  {text}")
-    return 0 if all(ok for _, ok in verdicts) else 1
+    return common.print_verdicts(verdicts)
 
 
 if __name__ == "__main__":
