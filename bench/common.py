@@ -87,7 +87,8 @@ def rank_batch(data: list[dict], step: int, rank: int, world: int, micro: int) -
     return collate(data[start + rank * micro:start + (rank + 1) * micro])
 
 
-def ds_config(stage: int, micro: int, ist: dict | None, lr: float = 2e-4, weight_decay: float = 0.0) -> dict:
+def ds_config(stage: int, micro: int, ist: dict | None, lr: float = 2e-4, weight_decay: float = 0.0,
+              bf16: bool = False) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
@@ -98,6 +99,8 @@ def ds_config(stage: int, micro: int, ist: dict | None, lr: float = 2e-4, weight
     }
     if ist is not None:
         cfg["ist"] = ist
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
     return cfg
 
 
@@ -113,6 +116,49 @@ def storage_bytes(tensors) -> int:
             st = t.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
     return sum(seen.values())
+
+
+class CommCounter:
+    """Bytes this rank hands to torch.distributed collectives while :attr:`active` is true.
+
+    Installed in a rank before its process group exists (DeepSpeed caches some collective functions
+    when it initialises), it wraps the module-level functions that DeepSpeed's torch backend and
+    FSDP2 call. A collective counts the bytes of the tensors this rank contributes (all-gather: the
+    gathered output, which is what crosses the wire in total for this rank's view).
+    """
+
+    NAMES = ("all_reduce", "reduce", "broadcast", "reduce_scatter", "reduce_scatter_tensor", "all_gather",
+             "all_gather_into_tensor", "_all_gather_base", "_reduce_scatter_base", "all_reduce_coalesced")
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.active = False
+        self.bytes = 0
+        self.calls = 0
+        for name in self.NAMES:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                setattr(dist, name, self._wrap(fn))
+
+    @staticmethod
+    def _nbytes(x) -> int:
+        if torch.is_tensor(x):
+            return x.numel() * x.element_size()
+        if isinstance(x, (list, tuple)):
+            return sum(CommCounter._nbytes(t) for t in x)
+        return 0
+
+    def _wrap(self, fn):
+        def counted(*args, **kwargs):
+            if self.active:
+                first = args[0] if args else next(iter(kwargs.values()), None)
+                self.bytes += self._nbytes(first)
+                self.calls += 1
+            return fn(*args, **kwargs)
+
+        counted.__wrapped__ = fn
+        return counted
 
 
 def median(xs):

@@ -2,7 +2,8 @@
 
 Run from the repository root (about 8 minutes on 2 cores):
 
-    .venv/bin/python bench/memory.py            # ZeRO-2, ZeRO-3 and FSDP2, 10 steps per row
+    .venv/bin/python bench/memory.py            # ZeRO-2, ZeRO-3 and FSDP2, 10 steps per row, fp32
+    .venv/bin/python bench/memory.py --backends zero1 zero2 zero3 --precision bf16   # bf16 rows
     .venv/bin/python bench/memory.py --backends zero2 --steps 4   # a quick look
 
 The script forks its own 2 ranks (gloo, loopback; see bench/common.py), so no launcher is needed.
@@ -15,10 +16,13 @@ Per rank and per row it measures:
   GPU machine; here CPU), sampled right after every inner optimizer step so that ``drop`` shows the
   state it re-creates for the selected layers; ``host`` (offloaded by IST). IST rows read
   ``engine.ist.memory_report()``; every row also reads the optimizer's own ``state`` directly;
+- fp32 masters held by the engine (ZeRO's flat master partitions as allocated at the end of the row;
+  with ``offload`` and ``drop`` those of unselected layers are parked on the host: ``masters away``);
 - trainable-gradient bytes: the gradients autograd produces for the trainable parameters in one step
   (full size, before ZeRO's or FSDP2's reduce-scatter), and the gradient shards held after
-  ``backward`` on this rank (ZeRO-2 ``averaged_gradients``; ZeRO-3 its flat gradient buffer plus the
-  zero tensors it creates for frozen parameters; FSDP2 the local shards of the ``grad`` DTensors);
+  ``backward`` on this rank (ZeRO-1/2 ``averaged_gradients`` and stage 2's contiguous buffer; ZeRO-3
+  its flat gradient buffer plus any other tensor its ``averaged_gradients`` hold; FSDP2 the local
+  shards of the ``grad`` DTensors); the largest over the steps;
 - bytes autograd saves for backward during one forward (``torch.autograd.graph.saved_tensors_hooks``:
   unique storages packed, split into activations and parameter storages);
 - drift: the largest absolute change, across a step, of a PEFT parameter of a layer that was not
@@ -45,11 +49,12 @@ import torch  # noqa: E402
 MICRO = 4
 TARGET_STATE = 0.27
 TARGET_SAVED = 0.72
+TARGET_GRAD_ZERO12 = 0.30
 
-# Backends: DeepSpeed ZeRO stage 2 or 3 (an int), or PyTorch FSDP2.
+# Backends: DeepSpeed ZeRO stage 1, 2 or 3 (an int), or PyTorch FSDP2.
 FSDP2 = "fsdp2"
-BACKENDS = {"zero2": 2, "zero3": 3, "fsdp2": FSDP2}
-ALL = (2, 3, FSDP2)
+BACKENDS = {"zero1": 1, "zero2": 2, "zero3": 3, "fsdp2": FSDP2}
+ALL = (1, 2, 3, FSDP2)
 
 # (row, ist block, extra zero_optimization keys, backends it runs on)
 NO_MEL = {"memory_efficient_linear": False}
@@ -114,17 +119,22 @@ class SavedTensors:
         self.act, self.par = {}, {}  # release the storages
 
 
-def zero_grad_bytes(engine, stage: int) -> int:
+def zero_grad_bytes(engine) -> int:
     """Bytes of the gradient partitions ZeRO holds on this rank after backward (before step)."""
+    from ist_ds.backends.zero_memory import zero_gradient_bytes
+
+    return zero_gradient_bytes(engine.optimizer) + common.storage_bytes(
+        p.grad for p in engine.module.parameters() if p.grad is not None)
+
+
+def zero_master_bytes(engine) -> int:
+    """Bytes of ZeRO's fp32 master partitions as allocated now (parked ones hold none)."""
+    from ist_ds.compat import deepspeed as ds
+
     opt = engine.optimizer
-    tensors = []
-    for grads in getattr(opt, "averaged_gradients", {}).values():
-        if grads is not None:
-            tensors.extend(grads)
-    if stage == 3 and getattr(opt, "grad_partitions_flat_buffer", None) is not None:
-        tensors.append(opt.grad_partitions_flat_buffer)
-    tensors.extend(p.grad for p in engine.module.parameters() if p.grad is not None)
-    return common.storage_bytes(tensors)
+    if ds.zero_kind(opt) == "zero3":
+        return common.storage_bytes(ds.zero3_master(opt, s) for s in range(ds.zero3_num_sub_groups(opt)))
+    return common.storage_bytes(ds.zero12_master(opt, i) for i in range(ds.zero12_num_groups(opt)))
 
 
 def lora_snapshot(layer_map, stage: int) -> list[list[torch.Tensor]]:
@@ -154,7 +164,7 @@ def _reset_linear() -> None:
         torch.nn.functional.linear = Init.linear_bk
 
 
-def _run(rank, world, stage, name, ist, zero_extra, steps, data, measure_saved):
+def _run(rank, world, stage, name, ist, zero_extra, steps, data, measure_saved, bf16=False):
     import deepspeed
 
     import ist_ds
@@ -164,7 +174,7 @@ def _run(rank, world, stage, name, ist, zero_extra, steps, data, measure_saved):
     model = common.make_model()
     layer_map = discover_layers(model)  # before anything freezes parameters
     lisa = ist == LISA
-    cfg = common.ds_config(stage, MICRO, None if lisa else ist)
+    cfg = common.ds_config(stage, MICRO, None if lisa else ist, bf16=bf16)
     cfg["zero_optimization"].update(zero_extra)
     _reset_linear()
     t0 = time.perf_counter()
@@ -207,7 +217,7 @@ def _run(rank, world, stage, name, ist, zero_extra, steps, data, measure_saved):
         else:
             loss = engine(**batch).loss
         engine.backward(loss)
-        grad_zero.append(zero_grad_bytes(engine, stage))
+        grad_zero.append(zero_grad_bytes(engine))
         engine.step()
         after = lora_snapshot(layer_map, stage)
         max_drift = max(max_drift, drift(before, after, trained))
@@ -222,8 +232,10 @@ def _run(rank, world, stage, name, ist, zero_extra, steps, data, measure_saved):
     else:
         trainable_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
                               for p in engine.module.parameters() if p.requires_grad)
+    masters = (report or {}).get("master_bytes", {})
     out = {
         "name": name, "stage": stage, "init_s": init_s,
+        "masters": zero_master_bytes(engine), "masters_away": masters.get("host", 0) + masters.get("disk", 0),
         "peak_live": peak["live"], "end_live": sum(end_live.values()),
         "offloaded_host": (report or {}).get("optimizer_state_bytes", {}).get("offloaded_host", 0),
         "offloaded_disk": (report or {}).get("optimizer_state_bytes", {}).get("offloaded_disk", 0),
@@ -291,7 +303,7 @@ def _run_fsdp(rank, world, name, ist, steps, data, measure_saved):
     else:
         trainable_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad)
     return {
-        "name": name, "stage": FSDP2, "init_s": init_s,
+        "name": name, "stage": FSDP2, "init_s": init_s, "masters": 0, "masters_away": 0,
         "peak_live": peak["live"], "end_live": sum(end_live.values()),
         "offloaded_host": (report or {}).get("optimizer_state_bytes", {}).get("offloaded_host", 0),
         "offloaded_disk": (report or {}).get("optimizer_state_bytes", {}).get("offloaded_disk", 0),
@@ -339,13 +351,14 @@ def bare_saved_bytes(linear: str, data) -> dict:
     return out
 
 
-def _rank_main(rank, world, stages, rows, steps):
+def _rank_main(rank, world, stages, rows, steps, bf16=False):
     data = common.make_data(64)
     _reset_linear()
     if rank == 0:
         common.log("bare model: saved tensors for every selection, stock torch linear")
     # rank 0 enumerates with torch's linear, rank 1 with ZeRO-3's and IST's; no collectives involved
-    bare = {k: bare_saved_bytes(k, data) for k in (("torch",) if rank == 0 else ("zero3", "selective"))}
+    bare = {} if bf16 else {k: bare_saved_bytes(k, data)
+                            for k in (("torch",) if rank == 0 else ("zero3", "selective"))}
     results = [{"bare": bare}]
     for stage in stages:
         for name, ist, zero_extra, on_stages in rows:
@@ -356,7 +369,7 @@ def _rank_main(rank, world, stages, rows, steps):
                     results.append(_run_fsdp(rank, world, name, ist, steps, data, measure_saved=True))
                 else:
                     results.append(_run(rank, world, stage, name, ist, zero_extra, steps, data,
-                                        measure_saved=ist != LISA))
+                                        measure_saved=ist != LISA and not bf16, bf16=bf16))
     return results
 
 
@@ -365,16 +378,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: DeepSpeed's bf16 block (fp32 masters); FSDP2 rows are not run")
     args = ap.parse_args(argv)
-    args.stages = [BACKENDS[b] for b in args.backends]
+    bf16 = args.precision == "bf16"
+    args.stages = [BACKENDS[b] for b in args.backends if not (bf16 and BACKENDS[b] == FSDP2)]
 
     rows = ROWS + [(LISA, LISA, {}, (2,))]
+    if bf16:  # the rows the memory targets are about
+        rows = [r for r in rows if r[0] in (BASE, "IST keep", "IST offload (host)", "IST drop")]
     start = time.perf_counter()
-    results = common.run_ranks(_rank_main, 2, args.stages, rows, args.steps)
+    results = common.run_ranks(_rank_main, 2, args.stages, rows, args.steps, bf16)
     bare = {**results[0][0]["bare"], **results[1][0]["bare"]}
     results = [res[1:] for res in results]
     wall = time.perf_counter() - start
-    print(f"# bench/memory.py: 2 ranks (forked, gloo, CPU), {args.steps} steps per row, "
+    print(f"# bench/memory.py: 2 ranks (forked, gloo, CPU), {args.precision}, {args.steps} steps per row, "
           f"micro-batch {MICRO} x {common.SEQ} tokens per rank, wall {wall:.0f} s\n")
 
     def mean(xs):
@@ -384,13 +402,15 @@ def main(argv=None) -> int:
     for stage in args.stages:
         per_rank = [[r for r in res if r["stage"] == stage] for res in results]
         print(f"## {label(stage)}: bytes per rank\n")
-        headers = ["row", "rank", "optim live MiB (peak)", "optim live MiB (end)", "offloaded host MiB",
+        headers = ["row", "rank", "masters MiB", "masters away MiB", "optim live MiB (peak)",
+                   "optim live MiB (end)", "offloaded host MiB",
                    "trainable grad MiB", "grad shards MiB", "saved act MiB", "saved param MiB",
                    "frozen drift"]
         body = []
         for rk in range(2):
             for r in per_rank[rk]:
-                body.append([r["name"], rk, common.mib(r["peak_live"]), common.mib(r["end_live"]),
+                body.append([r["name"], rk, common.mib(r["masters"]), common.mib(r["masters_away"]),
+                             common.mib(r["peak_live"]), common.mib(r["end_live"]),
                              common.mib(r["offloaded_host"]), common.mib(r["trainable_grad_bytes"]),
                              common.mib(r["zero_grad_bytes"]), common.mib(mean(r["saved_act"])),
                              common.mib(mean(r["saved_par"])), f"{r['drift']:.3g}"])
@@ -399,7 +419,7 @@ def main(argv=None) -> int:
 
         print(f"## {label(stage)}: ratios vs uniform LoRA (ist.enabled=false; rows with "
               "memory_efficient_linear=false vs the uniform row with the same setting)\n")
-        headers = ["row", "rank", "optim live (peak)", "optim live + host", "trainable grad",
+        headers = ["row", "rank", "masters", "optim live (peak)", "optim live + host", "trainable grad",
                    "grad shards", f"saved act ({args.steps} steps)", "saved act (all 28 selections)",
                    "engine vs bare model"]
         body = []
@@ -412,13 +432,15 @@ def main(argv=None) -> int:
                 act = mean(r["saved_act"])
                 # the bare model's figures with the linear this engine runs
                 # (ist_ds swaps ZeRO-3's linear for its selective one; plain DeepSpeed rows keep ZeRO-3's)
-                table_ = bare["torch" if stage != 3 or no_mel else "zero3" if r["name"] == BASE else "selective"]
-                n = len(table_) - 1
-                expected = sum(v for k, v in table_.items() if len(k) == 2) / n / table_[tuple(range(8))]
+                table_ = bare.get("torch" if stage != 3 or no_mel else "zero3" if r["name"] == BASE else "selective")
+                n = len(table_) - 1 if table_ else 0
+                expected = (sum(v for k, v in table_.items() if len(k) == 2) / n / table_[tuple(range(8))]
+                            if table_ else float("nan"))
                 dev = max((abs(a - table_[sel]) / table_[sel] for a, sel in zip(r["saved_act"], r["selections"])
-                           if sel in table_), default=None)
+                           if sel in table_), default=None) if table_ else None
                 partial = r["name"].startswith(("IST", "RST"))
-                body.append([r["name"], rk, f"{r['peak_live'] / b['peak_live']:.3f}",
+                body.append([r["name"], rk, f"{r['masters'] / b['masters']:.3f}" if b["masters"] else "-",
+                             f"{r['peak_live'] / b['peak_live']:.3f}",
                              f"{(r['peak_live'] + r['offloaded_host']) / b['peak_live']:.3f}",
                              f"{r['trainable_grad_bytes'] / b['trainable_grad_bytes']:.3f}",
                              f"{r['zero_grad_bytes'] / b['zero_grad_bytes']:.3f}",
@@ -429,7 +451,15 @@ def main(argv=None) -> int:
                     ratio = r["peak_live"] / b["peak_live"]
                     verdicts.append((f"{label(stage)} rank {rk}, {r['name']}: live optimizer state / uniform = "
                                      f"{ratio:.3f} (target <= {TARGET_STATE})", ratio <= TARGET_STATE))
-                if r["name"].startswith("IST drop"):
+                if r["name"] in ("IST keep", "IST drop", "IST offload (host)"):
+                    grad = r["zero_grad_bytes"] / b["zero_grad_bytes"]
+                    verdicts.append((f"{label(stage)} rank {rk}, {r['name']}: gradient shards held / uniform = "
+                                     f"{grad:.3f} (target <= 1.0)", grad <= 1.0))
+                    if stage in (1, 2):
+                        verdicts.append((f"{label(stage)} rank {rk}, {r['name']}: gradient shards held / uniform = "
+                                         f"{grad:.3f} (target <= {TARGET_GRAD_ZERO12} on ZeRO-1/2)",
+                                         grad <= TARGET_GRAD_ZERO12))
+                if r["name"].startswith("IST drop") and r["saved_act"]:
                     verdicts.append((f"{label(stage)} rank {rk}, {r['name']}: saved-for-backward activations / "
                                      f"uniform = {expected:.3f} expected over all {n} selections, {act / b_act:.3f} "
                                      f"over the {args.steps} steps run (target <= {TARGET_SAVED})",

@@ -2,14 +2,15 @@
 
 Run from the repository root (about 8 minutes on 2 CPU cores):
 
-    .venv/bin/python bench/memory_full.py                    # ZeRO-2, ZeRO-3 and FSDP2, 10 steps per row
-    .venv/bin/python bench/memory_full.py --backends zero2 --steps 3   # a quick look
+    .venv/bin/python bench/memory_full.py                    # ZeRO-2, ZeRO-3 and FSDP2, fp32 and bf16
+    .venv/bin/python bench/memory_full.py --backends zero2 --precision bf16 --steps 3   # a quick look
 
 The script forks its own 2 ranks (gloo, loopback; bench/common.py), so no launcher is needed.
 Model: the Llama of bench/memory.py (8 blocks, hidden 256, intermediate 688, byte vocabulary) with
 no PEFT: the blocks' own weights train, embeddings, final norm and LM head are frozen in every row
-(``train_outside: never``). Micro-batch 4 x 256 tokens per rank, torch AdamW, lr 2e-4, fp32, IST
-defaults (N_u = 2 of 8 blocks, T = 10, K = 3, scoring batch 16).
+(``train_outside: never``). Micro-batch 4 x 256 tokens per rank, torch AdamW, lr 2e-4, fp32 and bf16
+(DeepSpeed's ``bf16`` block; FSDP2 rows run fp32), IST defaults (N_u = 2 of 8 blocks, T = 10, K = 3,
+scoring batch 16).
 
 Rows: full fine-tuning of the blocks with IST disabled (plain DeepSpeed / plain FSDP2 AdamW; the
 baseline of every ratio) and through IST's machinery (``strategy: all``); IST ``keep``, ``offload``
@@ -22,14 +23,24 @@ Per rank and row it measures:
   accelerator; here the CPU), sampled right after every inner optimizer step so that ``drop`` shows
   the state it re-creates for the selected blocks, and at the end; ``host`` / ``disk``, held by IST's
   store after offloading;
-- fp32 master weights held by the optimizer: the tensors it steps (ZeRO-1/2 and ZeRO-3 flat fp32
-  partitions, FSDP2 the fp32 sharded parameters themselves). IST moves no master on any backend
-  (docs/full_mode.md, Limits), so none are elsewhere; their ratio to full fine-tuning shows it;
+- fp32 masters held by the engine: the bytes of ZeRO's flat fp32 master partitions as allocated
+  at the end (IST's ``offload`` and ``drop`` park those of unselected blocks on the host or disk:
+  ``masters away``); FSDP2 steps the fp32 sharded parameters themselves, which every forward
+  gathers, so there they are the weights and stay;
+- gradient partitions held between backward and step (ZeRO: ``averaged_gradients``, stage 2's
+  contiguous buffer, ZeRO-3's flat buffer; FSDP2: the local shards of the ``grad`` DTensors), the
+  largest over the steps;
+- engine total: masters + moments (peak) + gradient partitions, the bytes that decide whether a
+  model fits on the accelerator besides its bit16 weights and activations;
+- bytes handed to collectives per step (forward, backward, step and IST's moves; the median);
+- step time (median over the steps, moves included);
 - drift: the largest absolute change, across a step, of a weight of a block not trained in that step
   (must be 0 for every IST row; LISA's is not).
 
-Ratios against full fine-tuning (IST disabled) come last, with PASS/FAIL for the target: live
-optimizer state with ``drop`` / ``offload`` <= 0.27 (N_u / L = 0.25).
+Ratios against full fine-tuning (IST disabled, same precision) come last, with PASS/FAIL for the
+targets: live optimizer state with ``drop`` / ``offload`` <= 0.27 (N_u / L = 0.25); on ZeRO, the
+engine total (masters + moments + gradients) with ``drop`` / ``offload`` <= 0.30; step time of
+``offload`` (host) <= 1.10 of ``keep``.
 """
 
 from __future__ import annotations
@@ -48,7 +59,10 @@ from ist_ds.monitor import PeakStateProbe  # noqa: E402
 MICRO = 4
 N_TRAIN = 2
 TARGET_STATE = 0.27
+TARGET_ENGINE = 0.30
+TARGET_OFFLOAD_TIME = 1.10
 BACKENDS = ("zero2", "zero3", "fsdp")
+PRECISIONS = ("fp32", "bf16")
 
 BASE = "full FT (IST disabled)"
 LISA = "LISA-style (requires_grad only)"
@@ -97,10 +111,14 @@ def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
     return [t for g in optimizer.param_groups for t in g["params"]]
 
 
-def _zero_masters(engine, stage: int) -> list[torch.Tensor]:
+def _zero_masters(engine) -> list[torch.Tensor]:
     """ZeRO's fp32 master partitions on this rank (ZeRO-3 hands them to the optimizer only inside its step)."""
+    from ist_ds.compat import deepspeed as ds
+
     opt = engine.optimizer
-    return list(opt.fp32_partitioned_groups_flat if stage == 3 else opt.single_partition_of_fp32_groups)
+    if ds.zero_kind(opt) == "zero3":
+        return [ds.zero3_master(opt, s) for s in range(ds.zero3_num_sub_groups(opt))]
+    return [ds.zero12_master(opt, i) for i in range(ds.zero12_num_groups(opt))]
 
 
 def _local_bytes(tensors) -> int:
@@ -123,19 +141,20 @@ def drift(before, after, trained) -> float:
     return out
 
 
-def _run_deepspeed(rank, world, stage, name, extra, steps, data, offload_dir):
+def _run_deepspeed(rank, world, stage, name, extra, steps, data, offload_dir, bf16, comm):
     import contextlib
 
     import deepspeed
 
     import ist_ds
+    from ist_ds.backends.zero_memory import zero_gradient_bytes
     from ist_ds.layers import set_trainable
     from ist_ds.optimizer_state import live_state_bytes
 
     _reset_linear()
     model, layer_map = make_full_model()
     lisa = name == LISA
-    cfg = common.ds_config(stage, MICRO, None if extra is None else ist_block(extra, offload_dir))
+    cfg = common.ds_config(stage, MICRO, None if extra is None else ist_block(extra, offload_dir), bf16=bf16)
     params = common.trainable(model)
     if extra is None:  # baseline and LISA: a plain DeepSpeed engine over the blocks' weights
         engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=cfg)
@@ -148,30 +167,42 @@ def _run_deepspeed(rank, world, stage, name, extra, steps, data, offload_dir):
     peak = PeakStateProbe(inner)
     gather = (lambda ps: deepspeed.zero.GatheredParameters(ps)) if stage == 3 else (lambda ps: contextlib.nullcontext())
     generator = torch.Generator().manual_seed(1234)
-    max_drift, loss = 0.0, None
+    max_drift, loss, grads, seconds, comm_bytes = 0.0, None, [], [], []
     for step in range(steps):
         if lisa:
             chosen = sorted(torch.randperm(layer_map.num_layers, generator=generator)[:N_TRAIN].tolist())
             set_trainable(layer_map, chosen)
         trained = ist.selected_layers if ist is not None else (chosen if lisa else range(layer_map.num_layers))
         before = block_snapshot(layer_map, gather)
-        loss = engine(**common.rank_batch(data, step, rank, world, MICRO)).loss
+        batch = common.rank_batch(data, step, rank, world, MICRO)
+        comm.bytes, comm.active = 0, True
+        t0 = time.perf_counter()
+        loss = engine(**batch).loss
         engine.backward(loss)
+        grads.append(zero_gradient_bytes(engine.optimizer))
         engine.step()
+        seconds.append(time.perf_counter() - t0)
+        comm.active = False
+        comm_bytes.append(comm.bytes)
         max_drift = max(max_drift, drift(before, block_snapshot(layer_map, gather), list(trained)))
-    report = ist.memory_report()["optimizer_state_bytes"] if ist is not None else {}
+    report = ist.memory_report() if ist is not None else {}
+    state = report.get("optimizer_state_bytes", {})
+    masters = report.get("master_bytes", {})
     out = {
-        "name": name, "backend": f"zero{stage}", "peak_live": peak.peak,
+        "name": name, "backend": f"zero{stage}", "precision": "bf16" if bf16 else "fp32", "peak_live": peak.peak,
         "end_live": sum(live_state_bytes(inner.state).values()),
-        "offloaded_host": report.get("offloaded_host", 0), "offloaded_disk": report.get("offloaded_disk", 0),
-        "masters_live": _local_bytes(_zero_masters(engine, stage)),
+        "offloaded_host": state.get("offloaded_host", 0), "offloaded_disk": state.get("offloaded_disk", 0),
+        "masters_live": common.storage_bytes(_zero_masters(engine)),
+        "masters_away": masters.get("host", 0) + masters.get("disk", 0),
+        "grads": max(grads), "comm": common.median(comm_bytes[1:] or comm_bytes),
+        "step_s": common.median(seconds[1:] or seconds),
         "drift": max_drift, "loss": float(loss),
     }
     engine.destroy()
     return out
 
 
-def _run_fsdp(rank, world, name, extra, steps, data, offload_dir):
+def _run_fsdp(rank, world, name, extra, steps, data, offload_dir, comm):
     import contextlib
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -186,47 +217,61 @@ def _run_fsdp(rank, world, name, extra, steps, data, offload_dir):
                 collate_fn=common.collate, lr=2e-4)
     peak = PeakStateProbe(run.optimizer)
     layer_map = run.layer_map
-    max_drift, loss = 0.0, None
+    max_drift, loss, grads, seconds, comm_bytes = 0.0, None, [], [], []
     for step in range(steps):
         trained = run.ist.selected_layers if run.ist is not None else range(layer_map.num_layers)
         before = block_snapshot(layer_map, lambda ps: contextlib.nullcontext())  # this rank's shards
-        loss = run.model(**common.rank_batch(data, step, rank, world, MICRO)).loss
+        batch = common.rank_batch(data, step, rank, world, MICRO)
+        comm.bytes, comm.active = 0, True
+        t0 = time.perf_counter()
+        loss = run.model(**batch).loss
         loss.backward()
+        grads.append(common.storage_bytes(p.grad.to_local() for p in run.model.parameters() if p.grad is not None))
         run.step()
+        seconds.append(time.perf_counter() - t0)
+        comm.active = False
+        comm_bytes.append(comm.bytes)
         after = block_snapshot(layer_map, lambda ps: contextlib.nullcontext())
         max_drift = max(max_drift, drift(before, after, list(trained)))
     report = run.memory_report()["optimizer_state_bytes"]
     return {
-        "name": name, "backend": "fsdp", "peak_live": peak.peak,
+        "name": name, "backend": "fsdp", "precision": "fp32", "peak_live": peak.peak,
         "end_live": sum(live_state_bytes(run.optimizer.state).values()),
         "offloaded_host": report.get("offloaded_host", 0), "offloaded_disk": report.get("offloaded_disk", 0),
         # FSDP2 steps the fp32 sharded parameters themselves (the forward all-gathers them)
-        "masters_live": _local_bytes(_optimizer_tensors(run.optimizer)),
+        "masters_live": _local_bytes(_optimizer_tensors(run.optimizer)), "masters_away": 0,
+        "grads": max(grads), "comm": common.median(comm_bytes[1:] or comm_bytes),
+        "step_s": common.median(seconds[1:] or seconds),
         "drift": max_drift, "loss": float(loss),
     }
 
 
-def _rank_main(rank, world, backends, steps, offload_root):
+def _rank_main(rank, world, backends, precisions, steps, offload_root):
     import torch.distributed as dist
 
+    comm = common.CommCounter()  # before the process group: DeepSpeed caches collective functions
     if not dist.is_initialized():  # one gloo group for every row; DeepSpeed joins the existing one
         dist.init_process_group("gloo")
     data = common.make_data(64)
     results = []
     for backend in backends:
-        for name, extra, on in ROWS:
-            if backend not in on:
+        for precision in precisions:
+            if backend == "fsdp" and precision != "fp32":
                 continue
-            if rank == 0:
-                common.log(f"{backend}: {name}")
-            offload_dir = os.path.join(offload_root, f"{backend}-{len(results)}")
-            t0 = time.perf_counter()
-            if backend == "fsdp":
-                r = _run_fsdp(rank, world, name, extra, steps, data, offload_dir)
-            else:
-                r = _run_deepspeed(rank, world, int(backend[-1]), name, extra, steps, data, offload_dir)
-            r["seconds"] = time.perf_counter() - t0
-            results.append(r)
+            for name, extra, on in ROWS:
+                if backend not in on:
+                    continue
+                if rank == 0:
+                    common.log(f"{backend} {precision}: {name}")
+                offload_dir = os.path.join(offload_root, f"{backend}-{len(results)}")
+                t0 = time.perf_counter()
+                if backend == "fsdp":
+                    r = _run_fsdp(rank, world, name, extra, steps, data, offload_dir, comm)
+                else:
+                    r = _run_deepspeed(rank, world, int(backend[-1]), name, extra, steps, data, offload_dir,
+                                       precision == "bf16", comm)
+                r["seconds"] = time.perf_counter() - t0
+                results.append(r)
     return results
 
 
@@ -236,64 +281,84 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    ap.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args(argv)
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ist_bench_offload_") as offload_root:
-        results = common.run_ranks(_rank_main, 2, args.backends, args.steps, offload_root)
+        results = common.run_ranks(_rank_main, 2, args.backends, args.precision, args.steps, offload_root)
     wall = time.perf_counter() - start
     n_params = sum(p.numel() for layer in make_full_model()[1].layers for _, p in layer.params)
     print(f"# bench/memory_full.py: full-layer IST, 2 ranks (forked, gloo, CPU), {args.steps} steps per row, "
           f"micro-batch {MICRO} x {common.SEQ} tokens per rank, wall {wall:.0f} s")
     print(f"# model: Llama, 8 blocks, hidden {common.MODEL['hidden_size']}, intermediate "
           f"{common.MODEL['intermediate_size']}, no PEFT; {n_params} parameters in the blocks (all trained), "
-          f"embeddings / final norm / LM head frozen; N_u = {N_TRAIN} of 8 blocks per step; fp32, torch AdamW\n")
+          f"embeddings / final norm / LM head frozen; N_u = {N_TRAIN} of 8 blocks per step; torch AdamW\n")
 
     verdicts, infos = [], []
     labels = {"zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp": "FSDP2"}
-    for backend in args.backends:
-        label = labels[backend]
-        per_rank = [[r for r in res if r["backend"] == backend] for res in results]
-        print(f"## {label}: bytes per rank\n")
-        headers = ["row", "rank", "optim live MiB (peak)", "optim live MiB (end)", "optim host MiB",
-                   "optim disk MiB", "fp32 masters in optimizer MiB", "frozen drift", "s"]
-        body = [[r["name"], rk, common.mib(r["peak_live"]), common.mib(r["end_live"]), common.mib(r["offloaded_host"]),
-                 common.mib(r["offloaded_disk"]), common.mib(r["masters_live"]),
-                 f"{r['drift']:.3g}", f"{r['seconds']:.0f}"]
-                for rk in range(2) for r in per_rank[rk]]
-        print(common.table(headers, body))
-        print()
 
-        print(f"## {label}: ratios vs {BASE}\n")
-        headers = ["row", "rank", "optim live (peak)", "optim live + host + disk", "fp32 masters in optimizer"]
-        body, master_ratios = [], []
-        for rk in range(2):
-            base = next(r for r in per_rank[rk] if r["name"] == BASE)
-            for r in per_rank[rk]:
-                live = r["peak_live"] / base["peak_live"]
-                masters = r["masters_live"] / base["masters_live"]
-                body.append([r["name"], rk, f"{live:.3f}",
-                             f"{(r['peak_live'] + r['offloaded_host'] + r['offloaded_disk']) / base['peak_live']:.3f}",
-                             f"{masters:.3f}"])
-                if r["name"].startswith(("IST offload", "IST drop")):
-                    verdicts.append((f"{label} rank {rk}, {r['name']}: live optimizer state / full FT = {live:.3f} "
-                                     f"(target <= {TARGET_STATE})", live <= TARGET_STATE))
-                if r["name"].startswith("IST"):
-                    master_ratios.append(masters)
-                if r["name"] == LISA:
-                    infos.append(f"{label} rank {rk}, {LISA}: weights of blocks frozen in a step moved by up to "
-                                 f"{r['drift']:.3g} in that step; live optimizer state / full FT = {live:.3f}, "
-                                 f"fp32 masters {masters:.3f} (every block's state kept and stepped)")
-        print(common.table(headers, body))
-        print()
-        infos.append(f"{label}: fp32 masters in the optimizer / full FT = {min(master_ratios):.3f} to "
-                     f"{max(master_ratios):.3f} over the IST rows, both ranks; no target: IST does not move fp32 "
-                     f"masters on {label} (docs/full_mode.md, Limits)")
-        gated = [r for rk in range(2) for r in per_rank[rk] if r["name"] != LISA]
-        worst = max(r["drift"] for r in gated)
-        verdicts.append((f"{label}: blocks not selected in a step stay bit-identical, every IST and full-FT row, "
-                         f"both ranks (max change {worst:.3g})", worst == 0.0))
+    def engine_total(r):
+        return r["masters_live"] + r["peak_live"] + r["grads"]
+
+    for backend in args.backends:
+        for precision in args.precision:
+            per_rank = [[r for r in res if r["backend"] == backend and r["precision"] == precision] for res in results]
+            if not per_rank[0]:
+                continue
+            label = f"{labels[backend]} {precision}"
+            print(f"## {label}: bytes per rank\n")
+            headers = ["row", "rank", "masters MiB", "masters away MiB", "moments MiB (peak)", "moments host MiB",
+                       "moments disk MiB", "grad partitions MiB", "engine total MiB", "comm MiB/step",
+                       "s/step", "frozen drift"]
+            body = [[r["name"], rk, common.mib(r["masters_live"]), common.mib(r["masters_away"]),
+                     common.mib(r["peak_live"]), common.mib(r["offloaded_host"]), common.mib(r["offloaded_disk"]),
+                     common.mib(r["grads"]), common.mib(engine_total(r)), common.mib(r["comm"]),
+                     f"{r['step_s']:.3f}", f"{r['drift']:.3g}"]
+                    for rk in range(2) for r in per_rank[rk]]
+            print(common.table(headers, body))
+            print()
+
+            print(f"## {label}: ratios vs {BASE}\n")
+            headers = ["row", "rank", "masters", "moments (peak)", "grad partitions", "engine total",
+                       "comm/step", "s/step"]
+            body = []
+            for rk in range(2):
+                base = next(r for r in per_rank[rk] if r["name"] == BASE)
+                keep = next(r for r in per_rank[rk] if r["name"] == "IST keep")
+                for r in per_rank[rk]:
+                    live = r["peak_live"] / base["peak_live"]
+                    total = engine_total(r) / engine_total(base)
+                    body.append([r["name"], rk, f"{r['masters_live'] / base['masters_live']:.3f}", f"{live:.3f}",
+                                 f"{r['grads'] / base['grads']:.3f}", f"{total:.3f}",
+                                 f"{r['comm'] / base['comm']:.3f}", f"{r['step_s'] / base['step_s']:.3f}"])
+                    if r["name"].startswith(("IST offload", "IST drop")):
+                        verdicts.append((f"{label} rank {rk}, {r['name']}: live optimizer state / full FT = {live:.3f} "
+                                         f"(target <= {TARGET_STATE})", live <= TARGET_STATE))
+                        if backend != "fsdp":
+                            verdicts.append((f"{label} rank {rk}, {r['name']}: masters + moments + gradient "
+                                             f"partitions held by the engine / full FT = {total:.3f} "
+                                             f"(target <= {TARGET_ENGINE})", total <= TARGET_ENGINE))
+                    if r["name"] == "IST offload (host)":
+                        ratio = r["step_s"] / keep["step_s"]
+                        verdicts.append((f"{label} rank {rk}: step time IST offload (host) / IST keep = {ratio:.3f}, "
+                                         f"moves included (target <= {TARGET_OFFLOAD_TIME})",
+                                         ratio <= TARGET_OFFLOAD_TIME))
+                    if r["name"] == LISA:
+                        infos.append(f"{label} rank {rk}, {LISA}: weights of blocks frozen in a step moved by up to "
+                                     f"{r['drift']:.3g} in that step; engine total / full FT = {total:.3f} "
+                                     f"(every block's state kept and stepped)")
+            print(common.table(headers, body))
+            print()
+            if backend == "fsdp":
+                infos.append(f"{label}: FSDP2 keeps no separate fp32 master: the fp32 sharded parameter is the "
+                             f"weight every forward all-gathers, so an unselected block holds its fp32 shard, "
+                             f"no gradient and (offload/drop) no moments")
+            gated = [r for rk in range(2) for r in per_rank[rk] if r["name"] != LISA]
+            worst = max(r["drift"] for r in gated)
+            verdicts.append((f"{label}: blocks not selected in a step stay bit-identical, every IST and full-FT "
+                             f"row, both ranks (max change {worst:.3g})", worst == 0.0))
 
     print("## Ratios and targets (per rank, vs full fine-tuning of the blocks measured in the same run)\n")
     return common.print_verdicts(verdicts, infos)

@@ -126,6 +126,9 @@ class ISTController:
         report = {"trainable_param_bytes": param_bytes, "selected_layers": list(self.selected)}
         if self.gate is not None:
             report["optimizer_state_bytes"] = self.gate.state_bytes()
+            masters = self.gate.master_bytes()
+            if masters is not None:
+                report["master_bytes"] = masters
         return report
 
     # ------------------------------------------------------------------ checkpoints

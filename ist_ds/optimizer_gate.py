@@ -13,11 +13,15 @@ never straddle param groups), and all of them copy fp32 masters back to the mode
 the step, so an unstepped master leaves the weight bit-identical. DeepSpeed rewrites the ``params``
 of the groups (flat fp32 partitions); the gate therefore learns which tensors belong to a layer by
 watching the groups at each call rather than trusting the lists it was built with.
+
+Besides the optimizer's own state, a backend can hand the gate more per-layer memory to move on a
+selection change (:class:`LayerMemory`; under ZeRO, the fp32 masters and gradient partitions of
+:mod:`ist_ds.backends.zero_memory`).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -26,12 +30,23 @@ from ist_ds.optimizer_state import OptimizerStateStore, live_state_bytes
 LAYER_KEY = "ist_layer"
 
 
+class LayerMemory(Protocol):
+    """Per-layer memory a backend moves away while a layer is not selected (beyond the optimizer state)."""
+
+    def release(self, layer: int) -> None: ...
+
+    def restore(self, layer: int, non_blocking: bool = True) -> None: ...
+
+    def restore_all(self) -> None: ...
+
+
 class OptimizerGate:
     """Wraps ``optimizer.step`` so that only the selected layers' param groups are stepped."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, store: OptimizerStateStore | None = None) -> None:
         self.optimizer = optimizer
         self.store = store or OptimizerStateStore("keep")
+        self.memories: list[LayerMemory] = []
         self.selected: frozenset[int] = frozenset()
         self.all_layers = sorted({g[LAYER_KEY] for g in optimizer.param_groups if g.get(LAYER_KEY, -1) >= 0})
         # layer -> {id(tensor): tensor} of every tensor the optimizer has stepped (or could step) for it
@@ -74,12 +89,28 @@ class OptimizerGate:
         """Switch to a new selection: release the state of layers leaving it, restore those entering."""
         new = frozenset(selected)
         state = self.optimizer.state
+        # Layers leave first, so that what they free is available to the layers entering.
         for layer in self.all_layers:
-            if layer in new:
-                self.store.restore(layer, state)
-            else:  # a no-op for state already released; also catches state loaded from a checkpoint
+            if layer not in new:  # a no-op for state already released; also catches loaded state
                 self.store.release(layer, state, self.masters(layer))
+                for memory in self.memories:
+                    memory.release(layer)
+        for layer in self.all_layers:
+            if layer in new:  # non_blocking copies from pinned memory: they overlap the next forward
+                self.store.restore(layer, state)
+                for memory in self.memories:
+                    memory.restore(layer)
         self.selected = new
+
+    def restore_all(self) -> None:
+        """Put every layer's state and memory back (before a checkpoint is written or loaded)."""
+        self.store.restore_all(self.optimizer.state)
+        for memory in self.memories:
+            memory.restore_all()
+
+    def trains(self, layer: int) -> bool:
+        """Whether ``layer`` trains in the current step (parameters outside the blocks always do)."""
+        return layer < 0 or layer in self.selected
 
     def unwrap(self) -> None:
         self.optimizer.step = self._inner_step
@@ -91,3 +122,10 @@ class OptimizerGate:
         for where, n in self.store.offloaded_bytes().items():
             out[f"offloaded_{where}"] = n
         return out
+
+    def master_bytes(self) -> dict[str, int] | None:
+        """fp32 master bytes by location, where a backend tracks masters separately (ZeRO); else None."""
+        found = [m.master_bytes() for m in self.memories if hasattr(m, "master_bytes")]
+        if not found:
+            return None
+        return {k: sum(f[k] for f in found) for k in found[0]}

@@ -9,10 +9,13 @@ DeepSpeed ZeRO) to a dict of tensors. Nothing here knows about a backend. State 
 - ``offload``: the state of a layer leaves the optimizer when the layer is deselected and comes back,
   bit-identical, when it is selected again. Targets: ``host`` (pinned CPU memory when the optimizer
   lives on an accelerator, copied back with ``non_blocking``) or ``disk`` (one file per tensor set,
-  read back with ``torch.load(weights_only=True)``).
-- ``drop``: the state is freed; the optimizer re-creates it at zero the next time it steps the
-  tensor (torch AdamW and DeepSpeedCPUAdam both do so lazily), so a re-selected layer restarts Adam
-  at step 1.
+  read back with ``torch.load(weights_only=True)``). A tensor on an accelerator is *parked*
+  (:mod:`ist_ds.tensor_parking`): its storage shrinks to 0 bytes in place and is refilled on
+  restore, so views of it held elsewhere (DeepSpeed links fragments of the moments to each
+  parameter) neither keep the memory alive nor go stale.
+- ``drop``: the state is freed (its storage too, even where views of it are held elsewhere); the
+  optimizer re-creates it at zero the next time it steps the tensor (torch AdamW and
+  DeepSpeedCPUAdam both do so lazily), so a re-selected layer restarts Adam at step 1.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import torch
+
+from ist_ds.tensor_parking import can_park
 
 try:  # FSDP2 keeps the optimizer state of a sharded parameter as a DTensor
     from torch.distributed.tensor import DTensor
@@ -47,6 +52,7 @@ class _Offloaded:
     host: dict | None = None           # key -> tensor on the host (or a non-tensor value)
     path: str | None = None            # the file on disk, for the disk target
     devices: dict = field(default_factory=dict)  # key -> device the tensor came from
+    parked: dict = field(default_factory=dict)   # key -> the accelerator tensor itself, storage freed
     dtensors: dict = field(default_factory=dict)  # key -> (mesh, placements, shape, stride) of a DTensor
     nbytes: int = 0
 
@@ -77,7 +83,10 @@ class OptimizerStateStore:
             entry = state.pop(t)
             # An empty entry holds nothing; storing it would shadow state already offloaded for ``t``
             # (DeepSpeed's lazy hp-param linkage indexes the defaultdict ``state`` for every group).
-            if self.mode == "drop" or not entry:
+            if self.mode == "drop":
+                _free(entry)
+                continue
+            if not entry:
                 continue
             self._away.setdefault(layer, []).append((t, self._offload(layer, j, entry)))
 
@@ -110,6 +119,9 @@ class OptimizerStateStore:
                                          pin_memory=torch.cuda.is_available())
                     pinned.copy_(value)
                     host[key] = pinned
+                    if can_park(value):  # free the device memory in place; refilled on restore
+                        value.untyped_storage().resize_(0)
+                        off.parked[key] = value
             else:
                 host[key] = value
         if self.target == "disk":
@@ -126,9 +138,17 @@ class OptimizerStateStore:
             os.remove(off.path)
         else:
             host = off.host
-        out = {key: (value.to(off.devices[key], non_blocking=non_blocking)
-                     if key in off.devices and value.device != off.devices[key] else value)
-               for key, value in host.items()}
+        out = {}
+        for key, value in host.items():
+            if key in off.parked:  # refill the very tensor that was parked
+                target = off.parked[key]
+                target.untyped_storage().resize_(value.numel() * value.element_size())
+                target.copy_(value, non_blocking=non_blocking)
+                out[key] = target
+            elif key in off.devices and value.device != off.devices[key]:
+                out[key] = value.to(off.devices[key], non_blocking=non_blocking)
+            else:
+                out[key] = value
         for key, (mesh, placements, shape, stride) in off.dtensors.items():
             out[key] = DTensor.from_local(out[key], mesh, placements, run_check=False, shape=shape, stride=stride)
         return out
@@ -144,6 +164,15 @@ class OptimizerStateStore:
             for _, off in entries:
                 out["disk" if off.path else "host"] += off.nbytes
         return out
+
+
+def _free(entry: dict) -> None:
+    """Free the memory of dropped state even where views of it are held elsewhere."""
+    for value in entry.values():
+        if isinstance(value, DTensor):
+            value = value.to_local()
+        if torch.is_tensor(value) and value.device.type != "cpu" and can_park(value):
+            value.untyped_storage().resize_(0)
 
 
 def live_state_bytes(state: Mapping) -> dict[str, int]:

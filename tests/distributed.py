@@ -11,7 +11,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import queue as queue_module
 import socket
+import time
 import traceback
 
 
@@ -68,9 +70,21 @@ def run_ranks(fn, world_size: int = 2, *args, timeout: float = 600, **kwargs) ->
         p.start()
     results: dict[int, object] = {}
     errors = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in procs:
-            rank, status, value = queue.get(timeout=timeout)
+        while len(results) < world_size and not errors:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                # A rank killed by a signal (a segfault, the OOM killer) never reports: say so at once
+                # instead of waiting for the timeout while the other ranks hang in a collective.
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    errors.append("; ".join(f"rank {r} died with exit code {code}" for r, code in dead))
+                elif time.monotonic() > deadline:
+                    errors.append(f"no result from ranks {sorted(set(range(world_size)) - set(results))} "
+                                  f"within {timeout:.0f} s")
+                continue
             if status == "error":
                 errors.append(f"rank {rank} failed:\n{value}")
                 break

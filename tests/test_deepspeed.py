@@ -90,8 +90,11 @@ def _full_params(engine, stage):
 
 
 def _masters(engine):
+    """Clones of every layer's fp32 masters that are in place (parked ones hold no storage: skipped)."""
+    from ist_ds.tensor_parking import storage_bytes
+
     gate = engine.ist.controller.gate
-    return {layer: [t.detach().clone() for t in gate.masters(layer)] for layer in gate.all_layers}
+    return {layer: [t.detach().clone() for t in gate.masters(layer) if storage_bytes(t)] for layer in gate.all_layers}
 
 
 def _states(engine):

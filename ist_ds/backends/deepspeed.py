@@ -35,9 +35,11 @@ from typing import Any, Callable
 import torch
 
 from ist_ds.backends import zero3_linear
+from ist_ds.backends.zero_memory import ZeroMemory
 from ist_ds.checkpoint import (IST_STATE_FILE, atomic_torch_save, publish_latest, read_latest, rng_file,
                                 rng_state, safe_load, set_rng_state)
 from ist_ds.collectives import default_collectives
+from ist_ds.compat import deepspeed as ds_compat
 from ist_ds.controller import ISTController, ISTView
 from ist_ds.core import ISTConfig
 from ist_ds.errors import ISTCheckpointError, ISTConfigError
@@ -80,6 +82,11 @@ class DeepSpeedIST(ISTView):
         super().__init__(controller)
         self.engine = engine
 
+    @property
+    def zero_memory(self) -> ZeroMemory | None:
+        """The ZeRO adapter that parks masters and elides gradient partitions (None on stage 0)."""
+        return next((m for m in self.controller.gate.memories if isinstance(m, ZeroMemory)), None)
+
     # ------------------------------------------------------------------ checkpoints
     @contextlib.contextmanager
     def _all_trainable(self):
@@ -100,7 +107,7 @@ class DeepSpeedIST(ISTView):
 
         engine, gate = self.engine, self.controller.gate
         tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
-        gate.store.restore_all(gate.optimizer.state)  # DeepSpeed saves what the optimizer holds
+        gate.restore_all()  # DeepSpeed saves what the optimizer holds: moments and masters back in place
         with self._all_trainable():
             out = save(save_dir, tag=tag, client_state=dict(client_state or {}), save_latest=False, **kwargs)
         gate.select(self.controller.selected)
@@ -132,6 +139,8 @@ class DeepSpeedIST(ISTView):
                 return None, None
         tag_dir = os.path.join(load_dir, str(tag))
         ist_state = safe_load(os.path.join(tag_dir, IST_STATE_FILE))
+        # DeepSpeed loads into the optimizer's tensors in place: every master and moment must be there.
+        self.controller.gate.restore_all()
         if int(ist_state.get("num_layers", -1)) != self.controller.num_layers:
             raise ISTCheckpointError(f"{tag_dir} was written for a model with {ist_state.get('num_layers')} IST "
                                      f"layers; this model has {self.controller.num_layers}")
@@ -159,9 +168,9 @@ class DeepSpeedIST(ISTView):
 
         @functools.wraps(step)
         def ist_step(*args, **kwargs):
-            before = engine.global_steps
+            before = ds_compat.global_steps(engine)
             out = step(*args, **kwargs)
-            if engine.global_steps != before:
+            if ds_compat.global_steps(engine) != before:
                 self.controller.after_optimizer_step()
             return out
 
@@ -174,10 +183,33 @@ class DeepSpeedIST(ISTView):
             return self.load_checkpoint(load, load_dir, tag, **kwargs)
 
         # DeepSpeed reads its own files with weights_only=False; read them as plain data instead.
-        engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
+        ds_compat.set_checkpoint_loader(engine, safe_load)
         engine.step = ist_step
         engine.save_checkpoint = ist_save_checkpoint
         engine.load_checkpoint = ist_load_checkpoint
+
+
+def _install_zero_memory(engine, controller: ISTController, config: ISTConfig, rank: int) -> None:
+    """Under ZeRO-1/2/3: no gradient partitions for unselected layers; with offload/drop, masters away too."""
+    zero = engine.optimizer
+    if ds_compat.zero_kind(zero) is None:
+        return  # stage 0 (plain or bf16 wrapper): the gate and the state store do everything there
+    gate = controller.gate
+    park = config.optimizer_state in ("offload", "drop")
+    try:
+        memory = ZeroMemory(zero, gate.trains, park, config.offload_target,
+                            os.path.join(config.offload_dir, "masters") if config.offload_dir else None, rank)
+    except ds_compat.DeepSpeedInternalsChanged:
+        if park:
+            raise
+        logger.warning("DeepSpeed internals changed; IST keeps ZeRO's gradient partitions of unselected layers",
+                       exc_info=True)
+        return
+    gate.memories.append(memory)
+    logger.info("ZeRO memory: gradient partitions of unselected layers elided; fp32 masters %s",
+                "parked with their state" if memory.park_masters else
+                "left in place (DeepSpeed offload keeps them on the host)" if memory.host_masters and park else
+                "kept (optimizer_state: keep)" if not park else "left in place")
 
 
 def _regroup_optimizer(optimizer, layer_map: LayerMap):
@@ -236,7 +268,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         optimizer=optimizer, model_parameters=groups, **ds_kwargs)
 
-    inner = engine.basic_optimizer
+    inner = ds_compat.basic_optimizer(engine)
     if inner is None or not any(LAYER_KEY in g for g in inner.param_groups):
         raise RuntimeError("DeepSpeed did not keep IST's per-layer param groups; this DeepSpeed version "
                            f"({deepspeed.__version__}) is not supported")
@@ -244,6 +276,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     controller = build_controller(
         engine.module, ist_config, inner, layer_map, scoring_dataset,
         scoring_collate_fn or collate_fn, engine.device, collectives, rank=collectives.rank)
+    _install_zero_memory(engine, controller, ist_config, collectives.rank)
     if engine.zero_optimization_stage() == 3:
         zero3_linear.install()  # frozen linears stop saving their inputs for backward
     hook = DeepSpeedIST(engine, controller)

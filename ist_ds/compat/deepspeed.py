@@ -1,0 +1,245 @@
+"""DeepSpeed internals that IST's ZeRO memory savings reach into, checked against DeepSpeed 0.19.8.
+
+IST takes the fp32 masters of unselected layers off the device and keeps ZeRO from building gradient
+partitions for them (:mod:`ist_ds.backends.zero_memory`). DeepSpeed has no public API for either, so
+this module names every attribute and method used, and :func:`check_zero_internals` verifies them on
+the live optimizer before anything is patched: a DeepSpeed that changed one of them is refused with an
+error naming it, instead of silently training wrong.
+
+ZeRO-1/2 (``DeepSpeedZeroOptimizer``), per param group ``i``:
+
+- ``single_partition_of_fp32_groups[i]``: the fp32 master partition this rank steps (one tensor per
+  group, its own storage); ``parallel_partitioned_bit16_groups[i][rank]``: the bit16 partition the
+  step copies the master into; ``params_in_partition[i]``; ``cpu_offload``;
+- ``averaged_gradients[i]``: the gradient partition held from backward to step, built by
+  ``get_all_grad_tensors`` (zeros for parameters without a gradient), ``get_flat_partition`` and, for
+  bf16 with fp32 accumulation, ``_build_compact_grad_partition_buffer``;
+- ``step``: for every group flattens the gradient into ``master.grad``, steps the inner optimizer
+  (``_optimizer_step``) and copies ``master.data`` into the bit16 partition.
+
+ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``), per sub-group ``s``:
+
+- ``fp32_partitioned_groups_flat[s]`` (the master; it *is* the weight partition when the weights are
+  fp32 on the device), ``fp16_partitioned_groups_flat[s]``, ``fp16_groups[s]``,
+  ``sub_group_to_group_id[s]``, ``offload_optimizer``, ``grad_partitions_flat_buffer``;
+- ``independent_gradient_partition_epilogue`` builds ``averaged_gradients[s]`` (views of the flat
+  gradient buffer for parameters that require grad, new zero tensors for the others);
+- ``step`` calls, per sub-group, ``_prepare_sub_group``, ``unscale_and_clip_grads``,
+  ``_optimizer_step``, ``_reassign_or_swap_out_partitioned_parameters`` and ``_release_sub_group``.
+
+Engine: ``engine.basic_optimizer`` (the optimizer ZeRO steps), ``engine.global_steps``,
+``engine.checkpoint_engine.load``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+CHECKED_VERSION = "0.19.8"
+
+ZERO12_ATTRS = ("single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups", "params_in_partition",
+                "averaged_gradients", "cpu_offload", "partition_size", "real_dp_process_group", "optimizer")
+ZERO12_METHODS = {
+    "step": ("closure",),
+    "get_all_grad_tensors": ("tensor_list", "dtype"),
+    "get_flat_partition": ("tensor_list", "first_offset", "partition_size", "dtype", "device",
+                           "param_group_idx", "return_tensor_list"),
+    "_build_compact_grad_partition_buffer": ("group_idx",),
+}
+ZERO3_ATTRS = ("fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "fp16_groups",
+               "sub_group_to_group_id", "offload_optimizer", "averaged_gradients", "grad_partitions_flat_buffer",
+               "optimizer")
+ZERO3_METHODS = {
+    "independent_gradient_partition_epilogue": (),
+    "_prepare_sub_group": ("sub_group_id", "timer_names"),
+    "unscale_and_clip_grads": ("sub_group_id", "total_norm"),
+    "_optimizer_step": ("sub_group_id",),
+    "_reassign_or_swap_out_partitioned_parameters": ("sub_group_id",),
+    "_release_sub_group": ("sub_group_id", "timer_names"),
+}
+# Lines of DeepSpeed's own code whose behaviour the patches depend on (see each patch's docstring).
+ZERO12_STEP_SOURCE = ("self.single_partition_of_fp32_groups[i].grad = single_grad_partition",
+                      "bit16_partitions[partition_id].data.copy_(fp32_partition.data)",
+                      "self._optimizer_step(i)")
+ZERO3_EPILOGUE_SOURCE = ("if param.requires_grad else torch.zeros_like(param.ds_tensor)",)
+ZERO3_STEP_SOURCE = ("self._prepare_sub_group(sub_group_id, timer_names)",
+                     "self.unscale_and_clip_grads(sub_group_id, scaled_global_grad_norm)",
+                     "self._optimizer_step(sub_group_id)",
+                     "self._reassign_or_swap_out_partitioned_parameters(sub_group_id)",
+                     "self._release_sub_group(sub_group_id, timer_names)")
+
+
+class DeepSpeedInternalsChanged(RuntimeError):
+    """A DeepSpeed internal that IST relies on is missing or changed shape."""
+
+
+def version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def zero12_class():
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return DeepSpeedZeroOptimizer
+
+
+def zero3_class():
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    return DeepSpeedZeroOptimizer_Stage3
+
+
+def zero_kind(optimizer) -> str | None:
+    """``"zero12"``, ``"zero3"`` or None (stage 0, BF16_Optimizer, anything else)."""
+    if isinstance(optimizer, zero3_class()):
+        return "zero3"
+    if isinstance(optimizer, zero12_class()):
+        return "zero12"
+    return None
+
+
+def _unwrap(fn):
+    """The function under DeepSpeed's decorators (``instrument_w_nvtx`` does not use functools.wraps)."""
+    fn = inspect.unwrap(fn)
+    while getattr(fn, "__name__", "") == "wrapped_fn" and fn.__closure__:
+        inner = [c.cell_contents for c in fn.__closure__ if inspect.isfunction(c.cell_contents)]
+        if len(inner) != 1:
+            break
+        fn = inspect.unwrap(inner[0])
+    return fn
+
+
+def _problems(cls, attrs, methods, sources, obj=None) -> list[str]:
+    out = []
+    for name, params in methods.items():
+        fn = getattr(cls, name, None)
+        if not callable(fn):
+            out.append(f"{cls.__name__}.{name} is missing")
+            continue
+        got = tuple(p for p in inspect.signature(_unwrap(fn)).parameters if p != "self")
+        if tuple(got[:len(params)]) != params:
+            out.append(f"{cls.__name__}.{name}{tuple(got)} no longer takes {params}")
+    if obj is not None:
+        out += [f"{cls.__name__} instance has no attribute {a!r}" for a in attrs if not hasattr(obj, a)]
+    for method, lines in sources:
+        try:
+            src = inspect.getsource(_unwrap(getattr(cls, method)))
+        except (OSError, TypeError, AttributeError):
+            out.append(f"cannot read the source of {cls.__name__}.{method}")
+            continue
+        out += [f"{cls.__name__}.{method} no longer contains {line!r}" for line in lines if line not in src]
+    return out
+
+
+def zero_internal_problems(kind: str, optimizer=None) -> list[str]:
+    """What differs from the DeepSpeed internals IST was checked against (empty when nothing does)."""
+    if kind == "zero12":
+        cls = type(optimizer) if optimizer is not None else zero12_class()
+        return _problems(cls, ZERO12_ATTRS, ZERO12_METHODS, [("step", ZERO12_STEP_SOURCE)], optimizer)
+    cls = type(optimizer) if optimizer is not None else zero3_class()
+    return _problems(cls, ZERO3_ATTRS, ZERO3_METHODS,
+                     [("independent_gradient_partition_epilogue", ZERO3_EPILOGUE_SOURCE),
+                      ("step", ZERO3_STEP_SOURCE)], optimizer)
+
+
+def check_zero_internals(kind: str, optimizer=None) -> None:
+    problems = zero_internal_problems(kind, optimizer)
+    if problems:
+        raise DeepSpeedInternalsChanged(
+            f"DeepSpeed {version()} differs from {CHECKED_VERSION}, the version ist_ds's ZeRO memory savings "
+            f"were checked against: " + "; ".join(problems)
+            + ". Set ist.optimizer_state to 'keep' (nothing is moved), or use DeepSpeed " + CHECKED_VERSION)
+
+
+# ---------------------------------------------------------------------- engine
+def basic_optimizer(engine):
+    """The optimizer ZeRO / the bf16 wrapper / stage 0 actually step (torch AdamW, DeepSpeedCPUAdam...)."""
+    return engine.basic_optimizer
+
+
+def global_steps(engine) -> int:
+    return engine.global_steps
+
+
+def set_checkpoint_loader(engine, load) -> None:
+    """Make the engine read its own checkpoint files with ``load(path, map_location)``."""
+    engine.checkpoint_engine.load = lambda path, map_location=None: load(path, map_location)
+
+
+# ---------------------------------------------------------------------- ZeRO-1/2
+def zero12_master(optimizer, group: int):
+    return optimizer.single_partition_of_fp32_groups[group]
+
+
+def zero12_bit16_partition(optimizer, group: int):
+    import deepspeed.comm as dist
+
+    rank = dist.get_rank(group=optimizer.real_dp_process_group[group])
+    return optimizer.parallel_partitioned_bit16_groups[group][rank]
+
+
+def zero12_num_groups(optimizer) -> int:
+    return len(optimizer.single_partition_of_fp32_groups)
+
+
+def zero12_partition_size(optimizer, group: int) -> int:
+    return int(optimizer.partition_size[group])
+
+
+def zero12_group_of_params(optimizer, tensor_list) -> int | None:
+    """The group whose ``params_in_partition`` list is ``tensor_list`` (by identity), else None."""
+    for i, params in enumerate(optimizer.params_in_partition):
+        if params is tensor_list:
+            return i
+    return None
+
+
+def grad_partition_group(grad_buffers, flat_partition):
+    """ZeRO-1/2's container of a compact (fp32-accumulated) gradient partition."""
+    from deepspeed.runtime.zero.stage_1_and_2 import GradPartitionBufferGroup
+
+    return GradPartitionBufferGroup(grad_buffers, flat_partition)
+
+
+def zero12_contiguous_grads(optimizer):
+    """ZeRO-2's buffer of the gradients of this rank's partition (allocated at the first reduction), or None."""
+    return getattr(optimizer, "grads_in_partition", None)
+
+
+def zero12_offloads(optimizer) -> bool:
+    return bool(optimizer.cpu_offload)
+
+
+# ---------------------------------------------------------------------- ZeRO-3
+def zero3_num_sub_groups(optimizer) -> int:
+    return len(optimizer.fp32_partitioned_groups_flat)
+
+
+def zero3_master(optimizer, sub_group: int):
+    return optimizer.fp32_partitioned_groups_flat[sub_group]
+
+
+def zero3_weight_partition(optimizer, sub_group: int):
+    return optimizer.fp16_partitioned_groups_flat[sub_group]
+
+
+def zero3_param_group_of(optimizer, sub_group: int) -> int:
+    return optimizer.sub_group_to_group_id[sub_group]
+
+
+def zero3_params(optimizer, sub_group: int) -> list:
+    return optimizer.fp16_groups[sub_group]
+
+
+def zero3_offloads(optimizer) -> bool:
+    return bool(optimizer.offload_optimizer)
+
+
+def zero3_grad_buffer(optimizer):
+    return optimizer.grad_partitions_flat_buffer
+
+
+def averaged_gradients(optimizer) -> dict:
+    return optimizer.averaged_gradients
