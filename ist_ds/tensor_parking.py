@@ -9,8 +9,9 @@ views holding the old storage, so nothing would be freed. Parking instead copies
 view and reference stays valid and, once unparked, sees the same memory refilled bit for bit. FSDP
 frees unsharded parameters the same way (``untyped_storage().resize_(0)``).
 
-Unparking from pinned memory uses ``non_blocking`` copies on an accelerator, so a prefetch issued
-right after one optimizer step overlaps the next forward on the compute stream.
+Unparking from pinned memory uses ``non_blocking`` copies. On a CUDA device a :class:`CopyStream`
+runs them on a side stream, so a prefetch issued right after one optimizer step overlaps the next
+forward and backward; whoever reads the tensors first calls :meth:`CopyStream.wait`.
 """
 
 from __future__ import annotations
@@ -56,6 +57,36 @@ def park(t: torch.Tensor, path: str | None = None) -> Parked:
         host = None
     t.untyped_storage().resize_(0)
     return Parked(t, nbytes, host, path)
+
+
+class CopyStream:
+    """A side CUDA stream for host-to-device refills, and the event the compute stream waits on.
+
+    On the CPU (and without CUDA) it runs copies inline and :meth:`wait` does nothing.
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.stream = (torch.cuda.Stream(device=device)
+                       if device is not None and device.type == "cuda" and torch.cuda.is_available() else None)
+        self.event = None
+
+    def run(self, copies) -> None:
+        """Run ``copies()`` (a callable issuing the copies) on the side stream, after the compute stream's work."""
+        if self.stream is None:
+            copies()
+            return
+        # The refilled storage may reuse memory the compute stream freed: start after its queued work.
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            copies()
+        self.event = torch.cuda.Event()
+        self.event.record(self.stream)
+
+    def wait(self) -> None:
+        """Make the compute stream wait for the copies issued so far (call before reading the tensors)."""
+        if self.event is not None:
+            torch.cuda.current_stream(self.stream.device).wait_event(self.event)
+            self.event = None
 
 
 def unpark(p: Parked, non_blocking: bool = True) -> torch.Tensor:

@@ -29,8 +29,9 @@ onto themselves (bit-identical) and nothing reads the parked storage.
 
 Where the copies happen in a step: parking (device to host) runs when the controller applies the next
 selection, right after ``engine.step()``; unparking (host to device, ``non_blocking`` from pinned
-memory) is issued at that same moment for the layers of the next step, so on a GPU the copy overlaps
-the next forward, which does not read masters. Every DeepSpeed internal used here is named, and
+memory, on a side CUDA stream) is issued at that same moment for the layers of the next step, so on a
+GPU the copy overlaps the next forward and backward, which do not read masters; the optimizer step
+waits for it (an event) before it reads them. Every DeepSpeed internal used here is named, and
 checked on the live optimizer, in :mod:`ist_ds.compat.deepspeed`.
 """
 
@@ -45,7 +46,7 @@ import torch
 
 from ist_ds.compat import deepspeed as ds
 from ist_ds.optimizer_gate import LAYER_KEY
-from ist_ds.tensor_parking import Parked, can_park, park, storage_bytes, unpark
+from ist_ds.tensor_parking import CopyStream, Parked, can_park, park, storage_bytes, unpark
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class ZeroMemory:
         self.park_masters = park_masters and not self.host_masters
         self._parked: dict[int, Parked] = {}
         self._zeros: dict[tuple, torch.Tensor] = {}
+        self._copies = CopyStream(self.master(0).device if count else None)
         if self.park_masters and target == "disk":
             if not directory:
                 raise ValueError("parking masters on disk needs a directory")
@@ -118,6 +120,7 @@ class ZeroMemory:
         """Park the masters of a layer that leaves the selection (offload and drop only)."""
         if not self.park_masters:
             return
+        self._copies.wait()  # a refill still in flight must land before its storage is freed again
         for i in self._indices(layer):
             if i in self._parked or not self._parkable(i):
                 continue
@@ -126,13 +129,13 @@ class ZeroMemory:
             self._parked[i] = park(self.master(i), path)
 
     def restore(self, layer: int, non_blocking: bool = True) -> None:
-        """Bring a layer's masters back (``non_blocking`` from pinned memory on an accelerator)."""
-        for i in self._indices(layer):
-            parked = self._parked.pop(i, None)
-            if parked is not None:
-                unpark(parked, non_blocking)
+        """Bring a layer's masters back (``non_blocking`` from pinned memory, on a side stream on CUDA)."""
+        back = [self._parked.pop(i) for i in self._indices(layer) if i in self._parked]
+        if back:
+            self._copies.run(lambda: [unpark(parked, non_blocking) for parked in back])
 
     def restore_all(self) -> None:
+        self._copies.wait()
         for i in sorted(self._parked):
             unpark(self._parked.pop(i), non_blocking=False)
 
@@ -205,6 +208,7 @@ class ZeroMemory:
 
         @functools.wraps(step)
         def ist_step(*args, **kwargs):
+            self._copies.wait()  # the masters prefetched after the previous step
             # A parked master aliases its bit16 partition while the step runs: the loop's
             # ``bit16.copy_(master)`` then copies the weights onto themselves, and the flattened zero
             # gradient it assigns to ``master.grad`` takes the bit16 dtype. Restored right after.
@@ -233,6 +237,7 @@ class ZeroMemory:
             def skip_unselected(sub_group_id, *args, _original=original, **kwargs):
                 if not self.trains_index(sub_group_id):
                     return None
+                self._copies.wait()  # the masters prefetched after the previous step
                 return _original(sub_group_id, *args, **kwargs)
 
             setattr(opt, name, functools.wraps(original)(skip_unselected))
