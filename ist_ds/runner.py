@@ -300,7 +300,7 @@ def _loss_history(output_dir: str, start_step: int, rank: int) -> list[tuple[int
                     continue  # a line cut short by a kill
                 if step <= start_step:
                     kept.append((step, loss))
-    if start_step and not kept:
+    if start_step and not kept and rank == 0:
         logger.warning("no loss history before step %d in %s; summary.json lists the losses from there on",
                        start_step, path)
     if rank == 0:
