@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     check = sub.add_parser("check", help="validate a recipe completely without training (paths, model on the "
                                          "meta device, PEFT targets, batch arithmetic, DeepSpeed config)")
-    check.add_argument("config", nargs="?", metavar="RECIPE", help="the recipe YAML (default: the embedded quick start)")
+    check.add_argument("config", nargs="?", metavar="RECIPE",
+                       help="the recipe YAML (default: the embedded quick start)")
     _recipe_options(check)
     report = sub.add_parser("report", help="plots and a Markdown summary of finished runs")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's output_dir (event files, summary.json)")
@@ -68,7 +69,8 @@ def _recipe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one recipe value (YAML syntax); repeatable")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in output_dir/checkpoints; an error when there is none")
+                        help="continue from the latest checkpoint in output_dir/checkpoints; an error when there "
+                             "is none")
     parser.add_argument("--allow-fresh-start", action="store_true",
                         help="with --resume: start from step 0 when output_dir has no checkpoint yet (e.g. a "
                              "scheduler that always passes --resume)")

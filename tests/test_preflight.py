@@ -151,7 +151,8 @@ def test_stop_leaves_a_checkpoint_and_resume_keeps_the_loss_history(tmp_path):
     assert on_disk["train_losses"] == [list(p) for p in summary["train_losses"]]
 
     # The explicit opt-in: --resume --allow-fresh-start on a directory without a checkpoint starts at step 0.
-    fresh = Recipe.from_dict({**raw, "training": {**raw["training"], "max_steps": 1}, "output_dir": str(tmp_path / "new")})
+    fresh = Recipe.from_dict({**raw, "training": {**raw["training"], "max_steps": 1},
+                              "output_dir": str(tmp_path / "new")})
     assert run_ranks(_job, 1, fresh, resume=True, allow_fresh_start=True)[0]["train_losses"][0][0] == 1
 
 
