@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args)
     if args.command == "train" and args.world_size is not None and not args.check:
         parser.error("--world-size goes with --check (a job takes its world size from the launcher)")
+    if args.allow_fresh_start and not args.resume:
+        parser.error("--allow-fresh-start goes with --resume")
 
     from ist_ds.recipe import Recipe
 
