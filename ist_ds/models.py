@@ -181,7 +181,8 @@ def apply_peft(
 
     GPT-2's ``Conv1D`` needs ``fan_in_fan_out=True`` for LoRA/DoRA/IA3; it is set automatically. A
     layer type the method cannot wrap raises ``ISTConfigError`` (LoHa and LoKr in peft 0.21 do not
-    support ``Conv1D``, so not GPT-2); the model may be partly wrapped by then and should be discarded.
+    support ``Conv1D``, so not GPT-2), and so do ``target_modules`` that match no module; the model
+    may be partly wrapped by then and should be discarded.
     """
     if method not in METHODS:
         raise ISTConfigError(f"unknown PEFT method {method!r}; expected one of {', '.join(METHODS)}")
@@ -219,10 +220,12 @@ def apply_peft(
 
     try:
         peft_model = get_peft_model(model, config)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         # peft raises TypeError for a target layer type the method cannot wrap (LoHa/LoKr and GPT-2's
-        # Conv1D in peft 0.21). The model may be partly wrapped by then: discard it.
-        hint = " (LoHa/LoKr do not support GPT-2's Conv1D; use lora, dora or ia3)" if conv1d else ""
+        # Conv1D in peft 0.21), ValueError when target_modules matches no module of the model. The
+        # model may be partly wrapped by then: discard it.
+        hint = " (LoHa/LoKr do not support GPT-2's Conv1D; use lora, dora or ia3)" if conv1d and isinstance(
+            exc, TypeError) else ""
         raise ISTConfigError(f"peft cannot apply {method!r} to this model: {exc}{hint}") from exc
     logger.debug("applied %s to %s (targets %s)", method, arch, target_modules)
     return peft_model

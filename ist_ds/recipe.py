@@ -160,7 +160,12 @@ class Recipe:
                 target = target.setdefault(part, {})
                 if not isinstance(target, dict):
                     raise ISTConfigError(f"override {item!r}: {part!r} is not a section")
-            target[parts[-1]] = yaml.safe_load(value)
+            try:
+                target[parts[-1]] = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                what = "; ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+                raise ISTConfigError(f"override {item!r}: {value!r} is not valid YAML ({what or e}); quote "
+                                     "a value meant as a string") from None
         return Recipe.from_dict(raw)
 
 

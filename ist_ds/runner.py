@@ -3,7 +3,13 @@
 This is what ``ist-ds train`` and ``launch/train.py`` run, under any launcher (``deepspeed``,
 ``torchrun``, ``mpirun``, ``srun``, or plain ``python`` for one process). Outputs in ``output_dir``:
 ``adapter/`` (loadable by plain ``peft``), ``ist_state.pt``, ``summary.json``, ``recipe.yaml``,
-``tokenizer`` files, ``checkpoints/`` when ``save_every`` is set.
+``tokenizer`` files, ``train_losses.jsonl`` (the loss at each log point, kept across resumes),
+``checkpoints/`` when ``save_every`` or ``stop_after_steps`` is set.
+
+Before anything is loaded, every rank checks the whole recipe (ist_ds/preflight.py: paths, the model
+on the meta device, PEFT targets, batch arithmetic, the DeepSpeed config, a checkpoint to resume), so
+a mistake costs seconds, not a model load on every rank. ``resume=True`` needs a checkpoint (unless
+``allow_fresh_start``); a stop (``training.stop_after_steps``) always leaves one.
 
 With ``ist.target: full`` (and ``peft.method: none``) the model is not wrapped with PEFT: IST trains
 the blocks' own weights, and the job writes ``model/`` (``config.json`` and ``model.safetensors``,
@@ -16,6 +22,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 
 import torch
@@ -25,7 +32,7 @@ from torch.utils.data import DistributedSampler
 from ist_ds.collectives import LocalCollectives, default_collectives
 from ist_ds.data import InstructionDataset, PadCollator, load_task, load_tokenizer
 from ist_ds.dist_env import discover, release_shm_buffers
-from ist_ds.errors import ISTConfigError
+from ist_ds.errors import ISTCheckpointError, ISTConfigError
 from ist_ds.monitor import Progress, build_monitor, eval_forward_count, importance_updated
 from ist_ds.recipe import Recipe
 from ist_ds.scoring import default_forward
@@ -81,21 +88,51 @@ def _full_mode(recipe: Recipe) -> bool:
     return recipe.ist.target == "full"
 
 
-def run(recipe: Recipe, resume: bool = False) -> dict:
-    """Run the job described by ``recipe``; returns the summary (on every rank)."""
+LOSS_HISTORY_FILE = "train_losses.jsonl"
+
+
+def run(recipe: Recipe, resume: bool = False, allow_fresh_start: bool = False) -> dict:
+    """Run the job described by ``recipe``; returns the summary (on every rank).
+
+    ``resume``: continue from the latest checkpoint in ``output_dir/checkpoints``; without one it is
+    an error, unless ``allow_fresh_start`` (then the job starts from step 0).
+    """
+    from ist_ds.console import setup_logging
+    from ist_ds.preflight import preflight
+
+    env = discover()
+    setup_logging(int(env["RANK"]), int(env["WORLD_SIZE"]))
+    started = time.perf_counter()
+    checked = preflight(recipe, int(env["WORLD_SIZE"]), resume=resume, allow_fresh_start=allow_fresh_start)
+    logger.info("recipe checked in %.1f s: %s", time.perf_counter() - started, "; ".join(checked.facts))
+    if int(env["RANK"]) == 0:
+        try:
+            os.makedirs(recipe.output_dir, exist_ok=True)
+        except OSError as e:
+            raise ISTConfigError(f"output_dir {recipe.output_dir!r} cannot be created: {e}") from None
     rank, world = _init_distributed(recipe)
     try:
-        return _run(recipe, resume, rank, world)
+        return _run(recipe, resume, rank, world, allow_fresh_start)
     finally:
         release_shm_buffers()
 
 
-def _run(recipe: Recipe, resume: bool, rank: int, world: int) -> dict:
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed torch (the same on every rank) and Python's ``random`` (per rank).
+
+    Checkpoints save each rank's Python ``random`` state; seeding it makes that state a function of
+    the recipe, so a run and its resume use the same stream whatever the process started with.
+    """
+    torch.manual_seed(seed)
+    random.seed(f"ist-ds:{seed}:rank{rank}")
+
+
+def _run(recipe: Recipe, resume: bool, rank: int, world: int, allow_fresh_start: bool = False) -> dict:
     from ist_ds.console import setup_logging
 
     setup_logging(rank, world)
     t = recipe.training
-    torch.manual_seed(t.seed)
+    seed_rank(t.seed, rank)
     on_cpu = not torch.cuda.is_available()
 
     tokenizer = load_tokenizer(recipe.data.tokenizer)
@@ -143,14 +180,16 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int) -> dict:
         start_step = backend.load_checkpoint(ckpt_dir)
         if start_step:
             logger.info("resumed from %s at step %d", ckpt_dir, start_step)
-        else:
-            logger.warning("no checkpoint in %s; starting from scratch", ckpt_dir)
+        elif allow_fresh_start:
+            logger.info("no checkpoint in %s yet; starting from step 0 (--allow-fresh-start)", ckpt_dir)
+        else:  # the check before the launch saw one: it went away since
+            raise ISTCheckpointError(f"--resume: no checkpoint in {ckpt_dir}; nothing to resume")
     stop_at = min(total_steps, t.stop_after_steps) if t.stop_after_steps else total_steps
     stream = _global_batches(train_ds, sampler, collate, micro, grad_acc, steps_per_epoch, start_step)
     monitor = build_monitor(recipe, backend, rank)  # TensorBoard on rank 0 (docs/monitoring.md)
     monitor.log_ist(start_step, backend.ist)
     bar = Progress(stop_at, "train", "step", enabled=t.progress and rank == 0, initial=start_step)
-    losses: list[tuple[int, float]] = []
+    losses = _loss_history(recipe.output_dir, start_step, rank)  # the steps before a resume, too
     window, tokens, t0 = [], 0, time.perf_counter()
     for step in range(start_step, stop_at):
         micro_batches = next(stream)
@@ -168,6 +207,9 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int) -> dict:
             elapsed = time.perf_counter() - t0
             avg = float(mean[0] / mean[1])
             losses.append((step + 1, avg))
+            if rank == 0:
+                with open(os.path.join(recipe.output_dir, LOSS_HISTORY_FILE), "a") as f:
+                    f.write(json.dumps({"step": step + 1, "loss": avg}) + "\n")
             msg = f"step {step + 1}/{total_steps} loss {avg:.4f} lr {backend.lr():.2e} tok/s {float(mean[2]) / elapsed:.0f}"
             if selected is not None:
                 msg += f" layers {selected}"
@@ -183,7 +225,8 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int) -> dict:
             eval_loss = evaluate_loss(backend.model, test_ds, collate, micro, backend.device, comm, default_forward)
             logger.info("step %d: held-out loss %.4f", step + 1, eval_loss)
             monitor.log(step + 1, {"eval/loss": eval_loss})
-        if t.save_every and ((step + 1) % t.save_every == 0 or step + 1 == stop_at):
+        stopping = step + 1 == stop_at < total_steps  # a stop always leaves a checkpoint to resume from
+        if stopping or (t.save_every and ((step + 1) % t.save_every == 0 or step + 1 == stop_at)):
             backend.save_checkpoint(ckpt_dir, tag=f"step{step + 1}")
     bar.close()
     if stop_at < total_steps:
@@ -235,6 +278,34 @@ def _global_batches(dataset, sampler, collate, micro: int, grad_acc: int, steps_
             chunk = indices[s * per_step:(s + 1) * per_step]
             yield [collate([dataset[i] for i in chunk[m * micro:(m + 1) * micro]]) for m in range(grad_acc)]
         step = (epoch + 1) * steps_per_epoch
+
+
+def _loss_history(output_dir: str, start_step: int, rank: int) -> list[tuple[int, float]]:
+    """The (step, loss) log points up to ``start_step`` from ``train_losses.jsonl``; rank 0 truncates it there.
+
+    Points after ``start_step`` (logged by a run that died after its last checkpoint) are dropped:
+    the resumed run logs those steps again.
+    """
+    from ist_ds.checkpoint import atomic_write_text
+
+    path = os.path.join(output_dir, LOSS_HISTORY_FILE)
+    kept: list[tuple[int, float]] = []
+    if start_step and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    point = json.loads(line)
+                    step, loss = int(point["step"]), float(point["loss"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a kill
+                if step <= start_step:
+                    kept.append((step, loss))
+    if start_step and not kept and rank == 0:
+        logger.warning("no loss history before step %d in %s; summary.json lists the losses from there on",
+                       start_step, path)
+    if rank == 0:
+        atomic_write_text(path, "".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in kept))
+    return kept
 
 
 def _write_outputs(recipe: Recipe, backend, tokenizer, weights: dict, summary: dict) -> None:
