@@ -3,7 +3,7 @@
 Run from the repository root (about 8 minutes on 2 cores):
 
     .venv/bin/python bench/memory.py            # ZeRO-2, ZeRO-3 and FSDP2, 10 steps per row, fp32
-    .venv/bin/python bench/memory.py --backends zero1 zero2 zero3 --precision bf16   # bf16 rows
+    .venv/bin/python bench/memory.py --backends zero1 zero2 zero3 --precision bf16 --seq 32   # bf16 rows
     .venv/bin/python bench/memory.py --backends zero2 --steps 4   # a quick look
 
 The script forks its own 2 ranks (gloo, loopback; see bench/common.py), so no launcher is needed.
@@ -351,8 +351,8 @@ def bare_saved_bytes(linear: str, data) -> dict:
     return out
 
 
-def _rank_main(rank, world, stages, rows, steps, bf16=False):
-    data = common.make_data(64)
+def _rank_main(rank, world, stages, rows, steps, bf16=False, seq=common.SEQ):
+    data = common.make_data(64, seq=seq)
     _reset_linear()
     if rank == 0:
         common.log("bare model: saved tensors for every selection, stock torch linear")
@@ -380,6 +380,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="bf16: DeepSpeed's bf16 block (fp32 masters); FSDP2 rows are not run")
+    ap.add_argument("--seq", type=int, default=common.SEQ, help="tokens per sequence (bf16 matmuls are slow on a CPU)")
     args = ap.parse_args(argv)
     bf16 = args.precision == "bf16"
     args.stages = [BACKENDS[b] for b in args.backends if not (bf16 and BACKENDS[b] == FSDP2)]
@@ -388,12 +389,12 @@ def main(argv=None) -> int:
     if bf16:  # the rows the memory targets are about
         rows = [r for r in rows if r[0] in (BASE, "IST keep", "IST offload (host)", "IST drop")]
     start = time.perf_counter()
-    results = common.run_ranks(_rank_main, 2, args.stages, rows, args.steps, bf16)
+    results = common.run_ranks(_rank_main, 2, args.stages, rows, args.steps, bf16, args.seq)
     bare = {**results[0][0]["bare"], **results[1][0]["bare"]}
     results = [res[1:] for res in results]
     wall = time.perf_counter() - start
     print(f"# bench/memory.py: 2 ranks (forked, gloo, CPU), {args.precision}, {args.steps} steps per row, "
-          f"micro-batch {MICRO} x {common.SEQ} tokens per rank, wall {wall:.0f} s\n")
+          f"micro-batch {MICRO} x {args.seq} tokens per rank, wall {wall:.0f} s\n")
 
     def mean(xs):
         return sum(xs) / len(xs) if xs else float("nan")

@@ -2,7 +2,8 @@
 
 Run from the repository root (about 8 minutes on 2 CPU cores):
 
-    .venv/bin/python bench/memory_full.py                    # ZeRO-2, ZeRO-3 and FSDP2, fp32 and bf16
+    .venv/bin/python bench/memory_full.py --precision fp32   # ZeRO-2, ZeRO-3 and FSDP2, every row
+    .venv/bin/python bench/memory_full.py --precision bf16 --rows targets --seq 32   # bf16 (slow on a CPU)
     .venv/bin/python bench/memory_full.py --backends zero2 --precision bf16 --steps 3   # a quick look
 
 The script forks its own 2 ranks (gloo, loopback; bench/common.py), so no launcher is needed.
@@ -246,20 +247,20 @@ def _run_fsdp(rank, world, name, extra, steps, data, offload_dir, comm):
     }
 
 
-def _rank_main(rank, world, backends, precisions, steps, offload_root):
+def _rank_main(rank, world, backends, precisions, steps, offload_root, seq, rows):
     import torch.distributed as dist
 
     comm = common.CommCounter()  # before the process group: DeepSpeed caches collective functions
     if not dist.is_initialized():  # one gloo group for every row; DeepSpeed joins the existing one
         dist.init_process_group("gloo")
-    data = common.make_data(64)
+    data = common.make_data(64, seq=seq)
     results = []
     for backend in backends:
         for precision in precisions:
             if backend == "fsdp" and precision != "fp32":
                 continue
             for name, extra, on in ROWS:
-                if backend not in on:
+                if backend not in on or (rows and name not in rows):
                     continue
                 if rank == 0:
                     common.log(f"{backend} {precision}: {name}")
@@ -283,15 +284,20 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     ap.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--seq", type=int, default=common.SEQ, help="tokens per sequence (bf16 matmuls are slow on a CPU)")
+    ap.add_argument("--rows", choices=("all", "targets"), default="all",
+                    help="targets: only full FT, IST keep, offload (host) and drop")
     args = ap.parse_args(argv)
+    rows = [BASE, "IST keep", "IST offload (host)", "IST drop"] if args.rows == "targets" else []
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ist_bench_offload_") as offload_root:
-        results = common.run_ranks(_rank_main, 2, args.backends, args.precision, args.steps, offload_root)
+        results = common.run_ranks(_rank_main, 2, args.backends, args.precision, args.steps, offload_root,
+                                   args.seq, rows)
     wall = time.perf_counter() - start
     n_params = sum(p.numel() for layer in make_full_model()[1].layers for _, p in layer.params)
     print(f"# bench/memory_full.py: full-layer IST, 2 ranks (forked, gloo, CPU), {args.steps} steps per row, "
-          f"micro-batch {MICRO} x {common.SEQ} tokens per rank, wall {wall:.0f} s")
+          f"micro-batch {MICRO} x {args.seq} tokens per rank, wall {wall:.0f} s")
     print(f"# model: Llama, 8 blocks, hidden {common.MODEL['hidden_size']}, intermediate "
           f"{common.MODEL['intermediate_size']}, no PEFT; {n_params} parameters in the blocks (all trained), "
           f"embeddings / final norm / LM head frozen; N_u = {N_TRAIN} of 8 blocks per step; torch AdamW\n")

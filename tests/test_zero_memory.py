@@ -6,6 +6,7 @@ and drop, and checks after every optimizer step on both ranks:
 - the fp32 masters of unselected layers are parked (0 bytes held by the engine) with offload and
   drop, and in place with keep; a master comes back bit-identical (offload ends bit-identical to keep);
 - unselected layers' LoRA weights are bit-identical across the step;
+- both ranks end with the same weights (ZeRO-1/2's post-step all-gather skips unselected groups);
 - between backward and step, ZeRO builds no gradient partition for an unselected layer (ZeRO-1/2: a
   zero-stride zero; ZeRO-3: zeroed slices of its flat buffer, whose total stays uniform's).
 
@@ -115,6 +116,9 @@ def _all_stages(rank, world):
 
 def test_masters_and_gradients_of_unselected_layers_leave_the_device():
     results = run_ranks(_all_stages, 2)
+    for key in results[0]:  # every rank ends with the same weights: the all-gathers that IST skips moved nothing
+        for a, b in zip(results[0][key]["final"], results[1][key]["final"]):
+            assert T._same(a, b), f"{key}: ranks hold different weights"
     for rank, res in enumerate(results):
         for stage in STAGES:
             uniform, keep, off, drop = (res[(stage, m)] for m in (None, "keep", "offload", "drop"))

@@ -25,7 +25,9 @@ parameter: it stays as large as uniform training's (see docs/deepspeed.md).
 and clip, step, copy the master into the bit16 partition, release) is skipped for unselected
 sub-groups. ZeRO-1/2's step loop is one method; for a group whose master is parked, the master tensor
 temporarily *aliases the bit16 partition* during the step, so the loop's copy-back writes the weights
-onto themselves (bit-identical) and nothing reads the parked storage.
+onto themselves (bit-identical) and nothing reads the parked storage. The all-gather of bit16
+partitions that ends a ZeRO-1/2 step skips the groups of unselected layers, whose partitions did not
+change on any rank.
 
 Where the copies happen in a step: parking (device to host) runs when the controller applies the next
 selection, right after ``engine.step()``; unparking (host to device, ``non_blocking`` from pinned
@@ -87,6 +89,7 @@ class ZeroMemory:
         self._parked: dict[int, Parked] = {}
         self._zeros: dict[tuple, torch.Tensor] = {}
         self._copies = CopyStream(self.master(0).device if count else None)
+        self._stepping = False
         if self.park_masters and target == "disk":
             if not directory:
                 raise ValueError("parking masters on disk needs a directory")
@@ -171,6 +174,32 @@ class ZeroMemory:
 
     def _install_zero12(self) -> None:
         opt = self.opt
+        # Only inside IST's step: a load's re-gather (``update_lp_params``) must still move every group.
+        ds.filter_zero12_allgather(opt, lambda i: not self._stepping or self.trains_index(i))
+
+        step = opt.step
+
+        @functools.wraps(step)
+        def ist_step(*args, **kwargs):
+            self._copies.wait()  # the masters prefetched after the previous step
+            # A parked master aliases its bit16 partition while the step runs: the loop's
+            # ``bit16.copy_(master)`` then copies the weights onto themselves, and the flattened zero
+            # gradient it assigns to ``master.grad`` takes the bit16 dtype. Restored right after.
+            aliased = []
+            for i in list(self._parked):
+                master = ds.zero12_master(opt, i)
+                aliased.append((master, master.data))
+                master.data = ds.zero12_bit16_partition(opt, i)
+            self._stepping = True
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self._stepping = False
+                for master, data in aliased:
+                    master.grad = None
+                    master.data = data
+
+        opt.step = ist_step
         if ds.zero12_offloads(opt):
             return  # gradients go straight into pinned host buffers; nothing is built per group on device
 
@@ -200,34 +229,13 @@ class ZeroMemory:
         def ist_build_compact(group_idx):
             if not self.trains_index(group_idx):
                 # A plain list (no ``flat_partition``): the step flattens it into a transient partition.
-                return [self._zero(ds.zero12_partition_size(opt, group_idx), opt.gradient_accumulation_dtype,
+                return [self._zero(ds.zero12_partition_size(opt, group_idx), ds.zero12_grad_accum_dtype(opt),
                                    ds.zero12_master(opt, group_idx).device)]
             return build_compact(group_idx)
-
-        step = opt.step
-
-        @functools.wraps(step)
-        def ist_step(*args, **kwargs):
-            self._copies.wait()  # the masters prefetched after the previous step
-            # A parked master aliases its bit16 partition while the step runs: the loop's
-            # ``bit16.copy_(master)`` then copies the weights onto themselves, and the flattened zero
-            # gradient it assigns to ``master.grad`` takes the bit16 dtype. Restored right after.
-            aliased = []
-            for i in list(self._parked):
-                master = ds.zero12_master(opt, i)
-                aliased.append((master, master.data))
-                master.data = ds.zero12_bit16_partition(opt, i)
-            try:
-                return step(*args, **kwargs)
-            finally:
-                for master, data in aliased:
-                    master.grad = None
-                    master.data = data
 
         opt.get_all_grad_tensors = ist_get_all_grad_tensors
         opt.get_flat_partition = ist_get_flat_partition
         opt._build_compact_grad_partition_buffer = ist_build_compact
-        opt.step = ist_step
 
     def _install_zero3(self) -> None:
         opt = self.opt

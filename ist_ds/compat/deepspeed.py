@@ -15,7 +15,9 @@ ZeRO-1/2 (``DeepSpeedZeroOptimizer``), per param group ``i``:
   ``get_all_grad_tensors`` (zeros for parameters without a gradient), ``get_flat_partition`` and, for
   bf16 with fp32 accumulation, ``_build_compact_grad_partition_buffer``;
 - ``step``: for every group flattens the gradient into ``master.grad``, steps the inner optimizer
-  (``_optimizer_step``) and copies ``master.data`` into the bit16 partition.
+  (``_optimizer_step``) and copies ``master.data`` into the bit16 partition, then all-gathers every
+  group's bit16 partitions through the module-level ``all_gather_dp_groups`` of
+  ``deepspeed.runtime.zero.stage_1_and_2`` (:func:`filter_zero12_allgather` wraps it).
 
 ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``), per sub-group ``s``:
 
@@ -34,11 +36,13 @@ Engine: ``engine.basic_optimizer`` (the optimizer ZeRO steps), ``engine.global_s
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
 CHECKED_VERSION = "0.19.8"
 
 ZERO12_ATTRS = ("single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups", "params_in_partition",
-                "averaged_gradients", "cpu_offload", "partition_size", "real_dp_process_group", "optimizer")
+                "averaged_gradients", "cpu_offload", "partition_size", "real_dp_process_group", "optimizer",
+                "bit16_groups_flat", "gradient_accumulation_dtype")
 ZERO12_METHODS = {
     "step": ("closure",),
     "get_all_grad_tensors": ("tensor_list", "dtype"),
@@ -60,7 +64,8 @@ ZERO3_METHODS = {
 # Lines of DeepSpeed's own code whose behaviour the patches depend on (see each patch's docstring).
 ZERO12_STEP_SOURCE = ("self.single_partition_of_fp32_groups[i].grad = single_grad_partition",
                       "bit16_partitions[partition_id].data.copy_(fp32_partition.data)",
-                      "self._optimizer_step(i)")
+                      "self._optimizer_step(i)",
+                      "all_gather_dp_groups(groups_flat=self.bit16_groups_flat,")
 ZERO3_EPILOGUE_SOURCE = ("if param.requires_grad else torch.zeros_like(param.ds_tensor)",)
 ZERO3_STEP_SOURCE = ("self._prepare_sub_group(sub_group_id, timer_names)",
                      "self.unscale_and_clip_grads(sub_group_id, scaled_global_grad_norm)",
@@ -203,9 +208,48 @@ def grad_partition_group(grad_buffers, flat_partition):
     return GradPartitionBufferGroup(grad_buffers, flat_partition)
 
 
+def zero12_grad_accum_dtype(optimizer):
+    """The dtype ZeRO-1/2 accumulate gradients in (fp32 for bf16 weights by default)."""
+    return optimizer.gradient_accumulation_dtype
+
+
 def zero12_contiguous_grads(optimizer):
     """ZeRO-2's buffer of the gradients of this rank's partition (allocated at the first reduction), or None."""
     return getattr(optimizer, "grads_in_partition", None)
+
+
+_ALLGATHER_FILTERS: dict[int, Callable[[int], bool]] = {}
+
+
+def filter_zero12_allgather(optimizer, keep: Callable[[int], bool]) -> None:
+    """Let ZeRO-1/2's all-gather of bit16 partitions skip the groups for which ``keep(i)`` is false.
+
+    DeepSpeed calls the module-level ``all_gather_dp_groups`` with the optimizer's own
+    ``bit16_groups_flat`` list; the wrapper (installed once) recognises that list by identity and
+    narrows every per-group list to the kept groups. Every other call, and every other optimizer,
+    goes through unchanged. ``keep`` must give the same answer on every rank.
+    """
+    import deepspeed.runtime.zero.stage_1_and_2 as zero12
+
+    if not getattr(zero12.all_gather_dp_groups, "ist_filtered", False):
+        original = zero12.all_gather_dp_groups
+
+        def all_gather_dp_groups(groups_flat, partitioned_param_groups, dp_process_group, start_alignment_factor,
+                                 allgather_bucket_size):
+            keep_group = _ALLGATHER_FILTERS.get(id(groups_flat))
+            if keep_group is not None:
+                kept = [i for i in range(len(groups_flat)) if keep_group(i)]
+                groups_flat = [groups_flat[i] for i in kept]
+                partitioned_param_groups = [partitioned_param_groups[i] for i in kept]
+                dp_process_group = [dp_process_group[i] for i in kept]
+            return original(groups_flat=groups_flat, partitioned_param_groups=partitioned_param_groups,
+                            dp_process_group=dp_process_group, start_alignment_factor=start_alignment_factor,
+                            allgather_bucket_size=allgather_bucket_size)
+
+        all_gather_dp_groups.ist_filtered = True
+        all_gather_dp_groups.__wrapped__ = original
+        zero12.all_gather_dp_groups = all_gather_dp_groups
+    _ALLGATHER_FILTERS[id(optimizer.bit16_groups_flat)] = keep
 
 
 def zero12_offloads(optimizer) -> bool:
