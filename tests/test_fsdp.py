@@ -450,8 +450,11 @@ def _bf16_ckpt(rank, world):
         run = _setup(ist_block(), data, world, activation_checkpointing=ac)
         out[f"ac={ac}"] = {"history": _train(run, data, rank, world, 4, check=ac), "final": _full_params(run)}
     # one activation-checkpoint wrapper per block, also when the model's own (Hugging Face) gradient
-    # checkpointing is on, as the job runner sets it: the last block's MLP runs once in the forward
-    # and once in the recomputation
+    # checkpointing is on, as the job runner sets it; the last block's MLP runs once in the forward and
+    # once in the recomputation (torch would not recompute twice for nested wrappers, so the wrappers
+    # themselves are counted)
+    from torch.distributed._composable.contract import _get_registry
+
     for hf in (False, True):
         model = make_model()
         if hf:
@@ -463,6 +466,9 @@ def _bf16_ckpt(rank, world):
         run.model(**_batch(data, 0, rank, world)).loss.backward()
         run.step()
         out[f"mlp_runs_hf={hf}"] = len(calls)
+        out[f"wrappers_hf={hf}"] = [int(getattr(layer.module, "gradient_checkpointing", False) is True)
+                                    + int("checkpoint" in (_get_registry(layer.module) or {}))
+                                    for layer in run.layer_map.layers]
     # gradient accumulation: every micro-batch of an optimizer step trains the same layers
     run = _setup(ist_block(), data, world)
     seen = []
@@ -500,7 +506,8 @@ def test_bf16_mixed_precision_and_activation_checkpointing():
     assert not torch.equal(bf16["history"][-1][1], torch.zeros(NUM_LAYERS))
     assert bf16["sharded_dtype"] == torch.float32  # fp32 sharded parameters; bf16 only in compute
     assert r0["plain"]["changed"] == [True] * NUM_LAYERS and r0["plain"]["ist"] is None
-    assert r0["mlp_runs_hf=False"] == 2 and r0["mlp_runs_hf=True"] == 2, r0
+    assert r0["mlp_runs_hf=False"] == 2 and r0["mlp_runs_hf=True"] == 2
+    assert r0["wrappers_hf=False"] == [1] * NUM_LAYERS and r0["wrappers_hf=True"] == [1] * NUM_LAYERS
     seen = r0["accumulation"]
     assert [s for s, _ in seen] == [0, 0, 1, 1, 2, 2]
     assert all(seen[k][1] == seen[k + 1][1] for k in range(0, 6, 2))
