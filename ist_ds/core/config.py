@@ -224,6 +224,6 @@ def _validate(c: ISTConfig) -> None:
     if c.offload_target != "host" and c.optimizer_state != "offload":
         fail("offload_target", "is only used with optimizer_state: offload")
     if c.offload_target == "disk" and c.offload_dir is None:
-        raise ISTConfigError("ist.offload_dir: offload_target: disk needs a directory in offload_dir")
+        raise ISTConfigError("ist.offload_target: disk needs a directory in ist.offload_dir (got none)")
     if c.offload_dir is not None and c.offload_target != "disk":
         fail("offload_dir", "is only used with optimizer_state: offload and offload_target: disk")
