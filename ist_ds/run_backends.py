@@ -161,13 +161,21 @@ class SingleRun:
         self.model = self.trainer.model
         self.device = self.trainer.device
         self.ist = self.trainer.ist
-        total = total_steps if total_steps is not None else max(t.max_steps, t.warmup_steps + 1)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.trainer.optimizer,
-                                                              warmup_decay(max(total, t.warmup_steps + 1), t.warmup_steps))
+        total = total_steps if total_steps is not None else t.max_steps
+        # Set on the param groups directly (as LambdaLR would): the IST gate already wraps the step.
+        self._schedule = warmup_decay(max(total, t.warmup_steps + 1), t.warmup_steps)
+        self._base_lr = t.lr
+        self._steps = 0
+        self._apply_lr()
+
+    def _apply_lr(self) -> None:
+        for group in self.trainer.optimizer.param_groups:
+            group["lr"] = self._base_lr * self._schedule(self._steps)
 
     def train_step(self, micro_batches: list[dict]) -> float:
         loss = self.trainer.train_step(micro_batches)
-        self.lr_scheduler.step()
+        self._steps += 1
+        self._apply_lr()
         return loss
 
     def lr(self) -> float:
