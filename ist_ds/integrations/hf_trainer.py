@@ -60,6 +60,7 @@ from ist_ds.layers import LayerMap, discover_layers, set_trainable
 from ist_ds.optimizer_gate import LAYER_KEY
 from ist_ds.param_groups import layer_param_groups
 from ist_ds.backends import zero3_linear
+from ist_ds.backends.deepspeed_support import refuse_unsupported
 from ist_ds.trainer import build_controller
 
 try:  # layer discovery for the config's target (PEFT blocks, or whole blocks in full mode)
@@ -191,7 +192,10 @@ class ISTTrainerMixin:
     def __init__(self, *args, ist_config: ISTConfig | Mapping[str, Any] | None = None, scoring_dataset=None,
                  scoring_data_collator: Callable | None = None, ist_log_layers: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.ist_config: ISTConfig = read_ist_config(_deepspeed_config_of(self), ist_config)
+        ds_config = _deepspeed_config_of(self)
+        self.ist_config: ISTConfig = read_ist_config(ds_config, ist_config)
+        if self.ist_config.enabled and ds_config is not None:
+            refuse_unsupported(ds_config, self.model)  # partial/NVMe offload, pipeline parallelism
         self.ist: ISTController | None = None
         self._ist_scoring_dataset = scoring_dataset
         self._ist_scoring_collator = scoring_data_collator
