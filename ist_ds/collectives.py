@@ -42,6 +42,14 @@ class LocalCollectives:
     def check_agreement(self, value: int, describe: str = "") -> None:
         return None
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        return [obj]
+
+    def check_same(self, parts: dict, what: str = "IST setup") -> None:
+        """Raise :class:`ISTAgreementError` on every rank unless all ranks passed equal ``parts``."""
+        return None
+
 
 class TorchCollectives(LocalCollectives):
     """``torch.distributed`` collectives over ``group`` (the default group when None)."""
@@ -81,6 +89,44 @@ class TorchCollectives(LocalCollectives):
             "scores. Check that all ranks use the same 'ist' config and seed, and the same "
             f"model and data.\n{lines}"
         )
+
+    def gather_objects(self, obj) -> list:
+        out: list = [None] * self.world_size
+        self._dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def check_same(self, parts: dict, what: str = "IST setup") -> None:
+        """Raise :class:`ISTAgreementError` on every rank unless all ranks passed equal ``parts``.
+
+        ``parts`` maps a name (``ist.update_interval``, ``layer map``, ...) to a plain value. One
+        all-reduce of a hash; only on a mismatch are the parts gathered, and the error names every
+        key that differs with each rank's value.
+        """
+        value = fingerprint(*[(k, parts[k]) for k in sorted(parts)])
+        buf = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
+        self._dist.all_reduce(buf, op=self._dist.ReduceOp.MAX, group=self.group)
+        if int(buf[0]) == -int(buf[1]):
+            return
+        every = self.gather_objects(parts)
+        keys = sorted({k for p in every for k in p})
+        differ = [k for k in keys if any(p.get(k, "<missing>") != every[0].get(k, "<missing>") for p in every)]
+        lines = []
+        for k in differ:
+            values = ", ".join(f"rank {r}: {_short(p.get(k, '<missing>'), every[0].get(k))}" for r, p in enumerate(every))
+            lines.append(f"  {k}: {values}")
+        raise ISTAgreementError(
+            f"the {what} differs across ranks ({', '.join(differ)}); every rank must run the same 'ist' config "
+            f"on the same model and world size:\n" + "\n".join(lines))
+
+
+def _short(value, reference) -> str:
+    """A value for an error line; for lists, the first entry that differs from ``reference``."""
+    if isinstance(value, list) and isinstance(reference, list) and len(value) == len(reference):
+        for i, (a, b) in enumerate(zip(value, reference)):
+            if a != b:
+                return f"[{i}] = {a!r}"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def default_collectives() -> LocalCollectives:

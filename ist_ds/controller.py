@@ -50,6 +50,7 @@ class ISTController:
         self.last_update_seconds = 0.0
         self.last_suppression_sets: list[list[int]] = []
         self.last_losses: list[float] = []
+        self._setup_checked = False
         if config.strategy == "ist" and scorer is None:
             raise ValueError("strategy 'ist' needs a scorer (scoring data) for the importance update")
 
@@ -66,6 +67,7 @@ class ISTController:
     # ------------------------------------------------------------------ the loop
     def start(self) -> list[int]:
         """Select the layers of the first (or, after a resume, the current) step."""
+        self.check_setup()
         if not self.selected:
             self._select()
         else:
@@ -115,6 +117,24 @@ class ISTController:
             self.comm.check_agreement(self.fingerprint(),
                                       f"step {self.step}, selected {self.selected}, scores {self.scores.tolist()}")
 
+    def setup_parts(self) -> dict:
+        """What every rank must agree on before the first collective of IST: the whole ``ist``
+        config, the layer map (names and shapes of every IST parameter) and the world size."""
+        parts = {f"ist.{k}": v for k, v in self.config.to_dict().items()}
+        parts["layer map"] = [(layer.index, name, list(getattr(p, "ds_shape", p.shape)))
+                              for layer in self.layer_map.layers for name, p in layer.params]
+        parts["parameters outside the blocks"] = [(name, list(getattr(p, "ds_shape", p.shape)))
+                                                  for name, p in self.layer_map.outside_params]
+        parts["world size"] = self.comm.world_size
+        return parts
+
+    def check_setup(self) -> None:
+        """Once per run, before IST's first collective: every rank holds the same config, layers and
+        world size, or every rank raises :class:`ISTAgreementError` naming what differs."""
+        if not self._setup_checked:
+            self.comm.check_same(self.setup_parts(), "IST setup")
+            self._setup_checked = True
+
     def fingerprint(self) -> int:
         return fingerprint(self.step, self.selected, self.scores, self.generator.get_state())
 
@@ -147,6 +167,7 @@ class ISTController:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a saved IST state and re-apply its selection (requires_grad and optimizer state)."""
+        self.check_setup()
         if int(state.get("version", -1)) != STATE_VERSION:
             raise ISTCheckpointError(f"unsupported IST state version {state.get('version')!r}")
         if int(state["num_layers"]) != self.num_layers:

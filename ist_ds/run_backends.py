@@ -148,7 +148,10 @@ def _host_state(model: torch.nn.Module) -> dict:
 
 
 class SingleRun:
-    def __init__(self, recipe: Recipe, model, train_dataset, collate, device) -> None:
+    """One plain PyTorch process, with the same learning-rate schedule as the other backends
+    (linear warm-up over ``training.warmup_steps``, then linear decay to 0 at the last step)."""
+
+    def __init__(self, recipe: Recipe, model, train_dataset, collate, device, total_steps: int | None = None) -> None:
         from ist_ds.trainer import SingleProcessTrainer
 
         t = recipe.training
@@ -158,13 +161,25 @@ class SingleRun:
         self.model = self.trainer.model
         self.device = self.trainer.device
         self.ist = self.trainer.ist
-        self._lr = t.lr
+        total = total_steps if total_steps is not None else t.max_steps
+        # Set on the param groups directly (as LambdaLR would): the IST gate already wraps the step.
+        self._schedule = warmup_decay(max(total, t.warmup_steps + 1), t.warmup_steps)
+        self._base_lr = t.lr
+        self._steps = 0
+        self._apply_lr()
+
+    def _apply_lr(self) -> None:
+        for group in self.trainer.optimizer.param_groups:
+            group["lr"] = self._base_lr * self._schedule(self._steps)
 
     def train_step(self, micro_batches: list[dict]) -> float:
-        return self.trainer.train_step(micro_batches)
+        loss = self.trainer.train_step(micro_batches)
+        self._steps += 1
+        self._apply_lr()
+        return loss
 
     def lr(self) -> float:
-        return self._lr
+        return float(self.trainer.optimizer.param_groups[0]["lr"])
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
         raise ISTConfigError("checkpoints of the single-process backend are not supported; "
@@ -224,10 +239,11 @@ class FSDPRun:
     def save_checkpoint(self, directory: str, tag: str) -> None:
         import torch.distributed as dist
 
-        from ist_ds.checkpoint import publish_latest
+        from ist_ds.checkpoint import publish_latest, remove_stale_tmp
 
-        self.fsdp.save_checkpoint(os.path.join(directory, tag))
+        self.fsdp.save_checkpoint(os.path.join(directory, tag))  # its manifest is written before 'latest'
         if not dist.is_initialized() or dist.get_rank() == 0:
+            remove_stale_tmp(directory)
             publish_latest(directory, tag)
         if dist.is_initialized():
             dist.barrier()

@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch.utils.data import DistributedSampler
 
+from ist_ds.checkpoint import IST_STATE_FILE, atomic_torch_save
 from ist_ds.collectives import LocalCollectives, default_collectives
 from ist_ds.data import InstructionDataset, PadCollator, load_task, load_tokenizer
 from ist_ds.dist_env import discover, release_shm_buffers
@@ -172,7 +173,7 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int, allow_fresh_start:
     else:
         from ist_ds.run_backends import SingleRun
 
-        backend = SingleRun(recipe, model, train_ds, collate, "cuda" if not on_cpu else "cpu")
+        backend = SingleRun(recipe, model, train_ds, collate, "cuda" if not on_cpu else "cpu", total_steps)
     comm = default_collectives() if world > 1 else LocalCollectives()
     ckpt_dir = os.path.join(recipe.output_dir, "checkpoints")
     start_step = 0
@@ -328,7 +329,7 @@ def _write_outputs(recipe: Recipe, backend, tokenizer, weights: dict, summary: d
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out)
     if backend.ist is not None:
-        torch.save(backend.ist.state_dict(), os.path.join(out, "ist_state.pt"))
+        atomic_torch_save(backend.ist.state_dict(), os.path.join(out, IST_STATE_FILE))
     with open(os.path.join(out, "recipe.yaml"), "w") as f:
         yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
     with open(os.path.join(out, "summary.json"), "w") as f:

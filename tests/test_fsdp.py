@@ -36,9 +36,9 @@ MICRO = 2
 TRAIN_LAYERS = 2
 
 
-def make_model(seed=0):
+def make_model(seed=0, dropout=0.0):
     model = build_model("llama", seed=seed, num_hidden_layers=NUM_LAYERS)
-    return apply_peft(model, "lora", r=4, alpha=8)
+    return apply_peft(model, "lora", r=4, alpha=8, dropout=dropout)
 
 
 def make_data(n=64, seed=1):
@@ -73,7 +73,7 @@ def _init():
         dist.init_process_group("gloo")
 
 
-def _setup(block, data, world, **kwargs):
+def _setup(block, data, world, model=None, dropout=0.0, **kwargs):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.utils.data import default_collate
 
@@ -82,7 +82,7 @@ def _setup(block, data, world, **kwargs):
     kwargs.setdefault("lr", 1e-2)
     kwargs.setdefault("weight_decay", 0.1)
     kwargs.setdefault("max_grad_norm", 1.0)
-    return setup(make_model(), block, mesh=init_device_mesh("cpu", (world,)), scoring_data=data,
+    return setup(model if model is not None else make_model(dropout=dropout), block, mesh=init_device_mesh("cpu", (world,)), scoring_data=data,
                  collate_fn=default_collate, **kwargs)
 
 
@@ -200,6 +200,9 @@ def _modes(rank, world, tmp):
     out = {}
     for mode, target in (("keep", "host"), ("offload", "host"), ("offload", "disk"), ("drop", "host")):
         run = _setup(ist_block(mode, target, f"{tmp}/offload"), data, world)
+        from ist_ds.monitor import PeakStateProbe
+
+        probe = PeakStateProbe(run.optimizer)  # state bytes right after each (gated) optimizer step
         if mode == "keep":  # the one-collective gather equals DTensor.full_tensor()
             assert all(_same(a, b) for a, b in zip(_full_params(run), _full_params(run, reference=True)))
         history = _train(run, data, rank, world, 7, mode=mode)
@@ -208,6 +211,7 @@ def _modes(rank, world, tmp):
             "counts": run.ist.selection_counts, "uniform_bytes": _local_state_bytes(run),
             "layer_bytes": _local_state_bytes(run, per_layer=True), "selected": run.ist.selected_layers,
             "offload_files": sorted(os.listdir(f"{tmp}/offload")) if target == "disk" else [],
+            "peak": probe.peak,
         }
     return out
 
@@ -249,15 +253,22 @@ def test_memory_report_by_location(mode_runs):
         # keep: the state of every layer trained so far stays live
         assert keep_bytes["live_cpu"] == sum(keep["layer_bytes"][i] for i in trained)
         assert keep_bytes["offloaded_host"] == keep_bytes["offloaded_disk"] == 0
-        # offload: at most the selected layers' state is live, the rest sits in the store, nothing lost
+        # Live state during the steps (peak probe on the optimizer's step): exactly the selected
+        # layers' state for offload and drop, N_u / L of uniform PEFT; keep reaches every layer trained.
+        def peak_selected(run):
+            return max(sum(run["layer_bytes"][i] for i in h[0]) for h in run["history"])
+
+        assert keep["peak"] == keep_bytes["live_cpu"]
+        for run in (host, disk, drop):
+            assert run["peak"] == peak_selected(run) == run["uniform_bytes"] * TRAIN_LAYERS // NUM_LAYERS
+        # offload: between steps the selected layers' state at most is live, the rest sits in the store
         for run, where in ((host, "offloaded_host"), (disk, "offloaded_disk")):
             b = run["report"]["optimizer_state_bytes"]
-            assert b.get("live_cpu", 0) <= sel_bytes <= run["uniform_bytes"] * TRAIN_LAYERS / NUM_LAYERS
+            assert b.get("live_cpu", 0) <= sel_bytes
             assert b.get("live_cpu", 0) + b[where] == keep_bytes["live_cpu"]
         assert len(disk["offload_files"]) > 0
-        # drop: live state at most N_u / L of uniform PEFT, nothing offloaded
+        # drop: nothing offloaded
         b = drop["report"]["optimizer_state_bytes"]
-        assert b.get("live_cpu", 0) <= drop["uniform_bytes"] * TRAIN_LAYERS / NUM_LAYERS
         assert b["offloaded_host"] == b["offloaded_disk"] == 0
         # parameter bytes: this rank's half of the selected layers' LoRA weights
         rep = keep["report"]
@@ -319,7 +330,10 @@ def _resume(rank, world, tmp):
                                   ("drop", "host", "trainable")):
         block = ist_block(mode, target, f"{tmp}/offload")
         ckpt = f"{tmp}/ckpt-{mode}"
-        run = _setup(block, data, world)
+        # LoRA dropout (exact only with each rank's saved RNG state); not in "keep", whose checkpoint is
+        # also continued on 1 rank below, where the dropout masks are necessarily drawn differently
+        dropout = 0.0 if mode == "keep" else 0.1
+        run = _setup(block, data, world, dropout=dropout)
         if mode == "keep":  # saving before the first step leaves the (empty) optimizer state alone
             run.save_checkpoint(f"{tmp}/ckpt-step0")
             assert not run.optimizer.state
@@ -329,7 +343,7 @@ def _resume(rank, world, tmp):
         straight = _train(run, data, rank, world, END - SAVE_AT, start=SAVE_AT, check=False)
         a = _snapshot(run)
         del run
-        fresh = _setup(block, data, world)
+        fresh = _setup(block, data, world, dropout=dropout)
         fresh.load_checkpoint(ckpt)
         loaded = _snapshot(fresh)
         resumed = _train(fresh, data, rank, world, END - SAVE_AT, start=SAVE_AT, check=True, mode=mode)
@@ -338,20 +352,33 @@ def _resume(rank, world, tmp):
     # a checkpoint whose IST state holds a pickled object is refused, on every rank, before any collective
     import torch.distributed as dist
 
-    bad = f"{tmp}/ckpt-bad"
-    if rank == 0:
-        import shutil
+    import shutil
 
+    from ist_ds.checkpoint import write_manifest
+
+    bad, damaged = f"{tmp}/ckpt-bad", f"{tmp}/ckpt-damaged"
+    if rank == 0:
         shutil.copytree(f"{tmp}/ckpt-keep", bad)
         with open(f"{bad}/ist_state.pt", "wb") as f:
             torch.save({"format": 1, "ist": ISTCheckpointError("x")}, f)
+        write_manifest(bad)  # checksums that match: the safe loader is what refuses it
+        shutil.copytree(f"{tmp}/ckpt-keep", damaged)
+    dist.barrier()
+    if rank == 1:  # a byte of rank 1's own DCP shard: every rank must stop with the same error
+        with open(f"{damaged}/__1_0.distcp", "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 0xFF]))
     dist.barrier()
     run = _setup(ist_block(), data, world)
-    try:
-        run.load_checkpoint(bad)
-        out["unsafe"] = "loaded"
-    except ISTCheckpointError as exc:
-        out["unsafe"] = str(exc)
+    for key, path in (("unsafe", bad), ("damaged", damaged)):
+        try:
+            run.load_checkpoint(path)
+            out[key] = "loaded"
+        except ISTCheckpointError as exc:
+            out[key] = str(exc)
+    out["files"] = sorted(os.listdir(f"{tmp}/ckpt-keep"))
     return out
 
 
@@ -396,6 +423,9 @@ def test_dcp_checkpoint_resumes_bit_identically(tmp_path):
             for layer in range(NUM_LAYERS):
                 assert _same_state(r["a"]["states"][layer], r["b"]["states"][layer]), f"{mode} layer {layer} state"
         assert "not plain data" in res["unsafe"], res["unsafe"]
+        assert "__1_0.distcp is corrupted" in res["damaged"], res["damaged"]
+        assert {"manifest.json", "rng_rank0.pt", "rng_rank1.pt", "ist_state.pt"} <= set(res["files"])
+    assert results[0]["damaged"] == results[1]["damaged"]
     # DCP reshards on load: the 2-rank checkpoint continues on 1 rank. Same selections; parameters
     # within the tolerance of test_two_ranks_match_single_process_trainer (reduction order differs).
     one = run_ranks(_resume_one_rank, 1, str(tmp_path))[0]
@@ -430,6 +460,36 @@ def _bf16_ckpt(rank, world):
     for ac in (True, False):
         run = _setup(ist_block(), data, world, activation_checkpointing=ac)
         out[f"ac={ac}"] = {"history": _train(run, data, rank, world, 4, check=ac), "final": _full_params(run)}
+    # one activation-checkpoint wrapper per block, also when the model's own (Hugging Face) gradient
+    # checkpointing is on, as the job runner sets it; the last block's MLP runs once in the forward and
+    # once in the recomputation (torch would not recompute twice for nested wrappers, so the wrappers
+    # themselves are counted)
+    from torch.distributed._composable.contract import _get_registry
+
+    for hf in (False, True):
+        model = make_model()
+        if hf:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        run = _setup(ist_block(), data, world, model=model, activation_checkpointing=True)
+        calls, mlp = [], run.layer_map.layers[-1].module.mlp
+        forward = mlp.forward  # counted in forward itself: module hooks do not fire in a recomputation
+        mlp.forward = lambda *a, _f=forward, **k: (calls.append(1), _f(*a, **k))[1]
+        run.model(**_batch(data, 0, rank, world)).loss.backward()
+        run.step()
+        out[f"mlp_runs_hf={hf}"] = len(calls)
+        out[f"wrappers_hf={hf}"] = [int(getattr(layer.module, "gradient_checkpointing", False) is True)
+                                    + int("checkpoint" in (_get_registry(layer.module) or {}))
+                                    for layer in run.layer_map.layers]
+    # gradient accumulation: every micro-batch of an optimizer step trains the same layers
+    run = _setup(ist_block(), data, world)
+    seen = []
+    run.model.register_forward_pre_hook(
+        lambda *a: seen.append((run.ist.step, tuple(run.ist.selected_layers))) if torch.is_grad_enabled() else None)
+    for step in range(3):
+        for micro in range(2):
+            (run.model(**_batch(data, 2 * step + micro, rank, world)).loss / 2).backward()
+        run.step()
+    out["accumulation"] = seen
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     run = _setup(ist_block("drop"), data, world, mixed_precision=mp, activation_checkpointing=True)
     out["bf16"] = {"history": _train(run, data, rank, world, 7, mode="drop"),
@@ -457,6 +517,11 @@ def test_bf16_mixed_precision_and_activation_checkpointing():
     assert not torch.equal(bf16["history"][-1][1], torch.zeros(NUM_LAYERS))
     assert bf16["sharded_dtype"] == torch.float32  # fp32 sharded parameters; bf16 only in compute
     assert r0["plain"]["changed"] == [True] * NUM_LAYERS and r0["plain"]["ist"] is None
+    assert r0["mlp_runs_hf=False"] == 2 and r0["mlp_runs_hf=True"] == 2
+    assert r0["wrappers_hf=False"] == [1] * NUM_LAYERS and r0["wrappers_hf=True"] == [1] * NUM_LAYERS
+    seen = r0["accumulation"]
+    assert [s for s, _ in seen] == [0, 0, 1, 1, 2, 2]
+    assert all(seen[k][1] == seen[k + 1][1] for k in range(0, 6, 2))
 
 
 # ---------------------------------------------------------------------- 4: validation before sharding

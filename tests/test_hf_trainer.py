@@ -132,12 +132,21 @@ def _probe_class():
             self.trainer = None
             self.history = []
             self.final = None
+            self.micro = []
+
+        def forward_pre_hook(self, module, args, kwargs):
+            """Each training forward (micro-batch): the IST step and layers it runs with."""
+            if module.training and torch.is_grad_enabled() and self.trainer.ist is not None:
+                self.micro.append((self.trainer.ist.step, self.trainer.ist.selected_layers))
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.selected = self.trainer.ist.selected_layers
             self.before = _layer_params(self.trainer)
+            self.micro = []
 
         def on_step_end(self, args, state, control, **kwargs):
+            # gradient accumulation: every micro-batch of this optimizer step ran with its selection
+            assert self.micro == [(state.global_step - 1, self.selected)] * GRAD_ACC, (state.global_step, self.micro)
             after = _layer_params(self.trainer)
             for layer in range(NUM_LAYERS):
                 unchanged = _same(self.before[layer], after[layer])
@@ -189,6 +198,7 @@ def _run(rank, world, backend, out_dir, resume_from=None, stage=2, steps=STEPS, 
     trainer = ISTTrainer(model=make_model(), args=args, train_dataset=make_data(96, 1),
                          eval_dataset=make_data(8, 2), callbacks=[probe], ist_config=ist_config)
     probe.trainer = trainer
+    trainer.model.register_forward_pre_hook(probe.forward_pre_hook, with_kwargs=True)
     trainer.train(resume_from_checkpoint=resume_from)
     if backend == "deepspeed" and stage == 3:  # ZeRO-3's linear was swapped for ist_ds's selective one
         from ist_ds.backends.zero3_linear import selective_linear

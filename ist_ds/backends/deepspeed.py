@@ -12,10 +12,15 @@ What it does around ``deepspeed.initialize``:
 4. wraps ``engine.step`` so that after each real optimizer step (``engine.global_steps`` moved;
    micro-steps of gradient accumulation do nothing) the controller runs the importance update,
    draws the next selection, sets ``requires_grad`` for it and moves optimizer state;
+   A step DeepSpeed skips (fp16 overflow: ``engine.skipped_steps`` moved) does not count for IST;
 5. wraps ``save_checkpoint`` / ``load_checkpoint``: offloaded optimizer state is put back into the
    optimizer for the save, the IST state and per-rank RNG states are written beside DeepSpeed's
-   files, ``latest`` is published last and atomically, and every file is loaded as plain data
-   (see :mod:`ist_ds.checkpoint`).
+   files, a checksum manifest of every file and then ``latest`` are published last and atomically;
+   a load first verifies the manifest on every rank together, refuses another world size, and reads
+   every file as plain data (see :mod:`ist_ds.checkpoint`).
+
+Setups IST cannot run correctly (partial or NVMe offload, pipeline parallelism) are refused at
+``initialize`` (:mod:`ist_ds.backends.deepspeed_support`).
 
 The caller's loop (``loss = engine(**batch).loss; engine.backward(loss); engine.step()``) is
 unchanged. See docs/deepspeed.md for the DeepSpeed internals this relies on.
@@ -35,9 +40,11 @@ from typing import Any, Callable
 import torch
 
 from ist_ds.backends import zero3_linear
+from ist_ds.backends.deepspeed_support import refuse_unsupported
 from ist_ds.backends.zero_memory import ZeroMemory
-from ist_ds.checkpoint import (IST_STATE_FILE, atomic_torch_save, publish_latest, read_latest, rng_file,
-                                rng_state, safe_load, set_rng_state)
+from ist_ds.checkpoint import (IST_STATE_FILE, atomic_torch_save, check_world_size, publish_latest, read_latest,
+                                remove_stale_tmp, rng_file, rng_state, safe_load, set_rng_state, verify_checkpoint,
+                                write_manifest)
 from ist_ds.collectives import default_collectives
 from ist_ds.compat import deepspeed as ds_compat
 from ist_ds.controller import ISTController, ISTView
@@ -81,6 +88,7 @@ class DeepSpeedIST(ISTView):
     def __init__(self, engine, controller: ISTController) -> None:
         super().__init__(controller)
         self.engine = engine
+        self.skipped_steps = 0  # optimizer steps DeepSpeed skipped (overflow) that IST did not count
 
     @property
     def zero_memory(self) -> ZeroMemory | None:
@@ -106,7 +114,7 @@ class DeepSpeedIST(ISTView):
         import torch.distributed as dist
 
         engine, gate = self.engine, self.controller.gate
-        tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
+        tag = str(tag) if tag is not None else f"global_step{ds_compat.global_steps(engine)}"
         gate.restore_all()  # DeepSpeed saves what the optimizer holds: moments and masters back in place
         with self._all_trainable():
             out = save(save_dir, tag=tag, client_state=dict(client_state or {}), save_latest=False, **kwargs)
@@ -117,9 +125,15 @@ class DeepSpeedIST(ISTView):
         if dist.is_initialized():
             dist.barrier()
         if rank == 0:
-            atomic_torch_save(self.controller.state_dict(), os.path.join(tag_dir, IST_STATE_FILE))
-            if save_latest:
-                publish_latest(save_dir, tag)
+            remove_stale_tmp(save_dir)  # left by an earlier, interrupted save; nobody writes now
+            state = self.controller.state_dict()
+            state["world_size"] = engine.dp_world_size  # ZeRO files load only at this world size
+            atomic_torch_save(state, os.path.join(tag_dir, IST_STATE_FILE))
+        if dist.is_initialized():
+            dist.barrier()
+        write_manifest(tag_dir, self.controller.comm, self.config.verify_engine_files)  # before 'latest'
+        if rank == 0 and save_latest:
+            publish_latest(save_dir, tag)
         if dist.is_initialized():
             dist.barrier()
         return out
@@ -138,7 +152,10 @@ class DeepSpeedIST(ISTView):
                 logger.warning("no checkpoint in %s ('latest' is missing)", load_dir)
                 return None, None
         tag_dir = os.path.join(load_dir, str(tag))
+        # Every rank checks its share of the files; all raise the same error before anything is loaded.
+        verify_checkpoint(tag_dir, self.controller.comm, self.config.verify_engine_files)
         ist_state = safe_load(os.path.join(tag_dir, IST_STATE_FILE))
+        check_world_size(tag_dir, ist_state.get("world_size"), self.engine.dp_world_size)
         # DeepSpeed loads into the optimizer's tensors in place: every master and moment must be there.
         self.controller.gate.restore_all()
         if int(ist_state.get("num_layers", -1)) != self.controller.num_layers:
@@ -168,10 +185,17 @@ class DeepSpeedIST(ISTView):
 
         @functools.wraps(step)
         def ist_step(*args, **kwargs):
-            before = ds_compat.global_steps(engine)
+            before, skipped = ds_compat.global_steps(engine), ds_compat.skipped_steps(engine)
             out = step(*args, **kwargs)
             if ds_compat.global_steps(engine) != before:
-                self.controller.after_optimizer_step()
+                if ds_compat.skipped_steps(engine) != skipped:
+                    # fp16 loss scaling found inf/nan gradients and DeepSpeed skipped the update: nothing
+                    # trained, so IST neither counts the step nor moves on (same selection, same schedule).
+                    self.skipped_steps += 1
+                    logger.info("optimizer step %d skipped by DeepSpeed (gradient overflow); IST keeps step %d "
+                                "and layers %s", before, self.controller.step, self.controller.selected)
+                else:
+                    self.controller.after_optimizer_step()
             return out
 
         @functools.wraps(save)
@@ -254,6 +278,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
 
     if model is None:
         raise ISTConfigError("ist_ds.initialize needs the model")
+    refuse_unsupported(ds_config, model, mpu)
     layer_map = discover_for(model, ist_config)
     ist_config.resolve(layer_map.num_layers)
     scoring_dataset = scoring_data if scoring_data is not None else training_data

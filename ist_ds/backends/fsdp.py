@@ -33,7 +33,9 @@ The caller's loop is ordinary FSDP2 code plus one call::
 
 Checkpoints (:meth:`FSDPIST.save_checkpoint` / :meth:`FSDPIST.load_checkpoint`) are
 ``torch.distributed.checkpoint`` directories holding the sharded model and optimizer state plus one
-small ``ist_state.pt`` with the IST state; docs/fsdp.md describes the layout and resharding.
+small ``ist_state.pt`` with the IST state (and the LR scheduler's, written by rank 0), each rank's RNG
+state (``rng_rank<r>.pt``) and a checksum manifest verified before anything is loaded
+(:mod:`ist_ds.checkpoint`); docs/fsdp.md describes the layout and resharding.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from ist_ds.checkpoint import (IST_STATE_FILE, atomic_torch_save, remove_stale_tmp, rng_file, rng_state, safe_load,
+                                set_rng_state, verify_checkpoint, write_manifest)
 from ist_ds.collectives import LocalCollectives, TorchCollectives
 from ist_ds.controller import ISTController, ISTView
 from ist_ds.core import ISTConfig
@@ -69,8 +73,6 @@ from ist_ds.trainer import build_controller
 
 logger = logging.getLogger(__name__)
 
-#: File beside the DCP shards that holds the IST state (and the LR scheduler's), written by rank 0.
-IST_STATE_FILE = "ist_state.pt"
 CHECKPOINT_FORMAT = 1
 MODEL_WEIGHTS = ("trainable", "full")
 
@@ -221,7 +223,11 @@ class FSDPIST:
                 model_sd = {k: v for k, v in model_sd.items() if k in names}
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir,
                      process_group=self._group())
+            # Each rank's RNG states (dropout): without them a resumed run draws other masks.
+            atomic_torch_save(rng_state(), os.path.join(checkpoint_dir, rng_file(self.rank)))
+            self._barrier()
             if self.rank == 0:
+                remove_stale_tmp(checkpoint_dir)  # left by an interrupted save; nobody writes now
                 state = {
                     "format": CHECKPOINT_FORMAT,
                     "world_size": self.world_size,
@@ -229,9 +235,9 @@ class FSDPIST:
                     "ist": self.controller.state_dict() if self.controller is not None else None,
                     "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
                 }
-                tmp = os.path.join(checkpoint_dir, IST_STATE_FILE + ".tmp")
-                torch.save(state, tmp)
-                os.replace(tmp, os.path.join(checkpoint_dir, IST_STATE_FILE))
+                atomic_torch_save(state, os.path.join(checkpoint_dir, IST_STATE_FILE))
+            self._barrier()
+            write_manifest(checkpoint_dir, self.comm, self.config.verify_engine_files)
             self._barrier()
         finally:
             if gate is not None:
@@ -250,10 +256,9 @@ class FSDPIST:
         state_path = os.path.join(checkpoint_dir, IST_STATE_FILE)
         if not os.path.isfile(state_path):
             raise ISTCheckpointError(f"{checkpoint_dir} is not an ist_ds FSDP checkpoint (no {IST_STATE_FILE})")
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-            raise ISTCheckpointError(f"refusing to load {state_path}: it is not plain data ({exc})") from None
+        # Every rank checks its share of the files; all raise the same error before anything is loaded.
+        verify_checkpoint(checkpoint_dir, self.comm, self.config.verify_engine_files)
+        state = safe_load(state_path)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ISTCheckpointError(f"{state_path}: unsupported checkpoint format {state.get('format')!r}"
                                      if isinstance(state, dict) else f"{state_path}: not an IST state")
@@ -296,6 +301,14 @@ class FSDPIST:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.controller is not None:
             self.controller.load_state_dict(state["ist"])  # re-applies requires_grad and releases state
+        rng_path = os.path.join(checkpoint_dir, rng_file(self.rank))
+        if os.path.isfile(rng_path):
+            set_rng_state(safe_load(rng_path))
+        elif state["world_size"] == self.world_size:
+            raise ISTCheckpointError(f"{rng_path} is missing")
+        else:
+            logger.warning("checkpoint written by %d ranks: rank %d has no saved RNG state (dropout masks will "
+                           "differ from an uninterrupted run)", state["world_size"], self.rank)
         logger.info("loaded checkpoint %s (saved by %d ranks, loaded by %d; IST step %s)", checkpoint_dir,
                     state["world_size"], self.world_size,
                     self.controller.step if self.controller is not None else "-")
@@ -379,6 +392,12 @@ def _shard(model: torch.nn.Module, layer_map: LayerMap, mesh, mixed_precision, a
     kwargs.setdefault("reshard_after_forward", reshard_after_forward)
     if mixed_precision is not None:
         kwargs["mp_policy"] = mixed_precision
+    if activation_checkpointing and _hf_checkpointing_on(model):
+        # Hugging Face's gradient checkpointing already recomputes every block; a second wrapper
+        # would recompute each block twice in the backward pass.
+        logger.info("activation checkpointing: the model's own (Hugging Face) gradient checkpointing is on; "
+                    "not adding a second wrapper per block")
+        activation_checkpointing = False
     if activation_checkpointing:
         from torch.distributed._composable import checkpoint
 
@@ -388,6 +407,12 @@ def _shard(model: torch.nn.Module, layer_map: LayerMap, mesh, mixed_precision, a
     for layer in layer_map.layers:
         fully_shard(layer.module, **kwargs)
     fully_shard(model, **kwargs)
+
+
+def _hf_checkpointing_on(model: torch.nn.Module) -> bool:
+    """True when a Hugging Face model (or a PEFT model around one) has gradient checkpointing enabled."""
+    return any(getattr(m, "is_gradient_checkpointing", False) is True or getattr(m, "gradient_checkpointing", False) is True
+               for m in model.modules())
 
 
 def _disable_kv_cache(model: torch.nn.Module) -> None:

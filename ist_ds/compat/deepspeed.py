@@ -168,6 +168,11 @@ def global_steps(engine) -> int:
     return engine.global_steps
 
 
+def skipped_steps(engine) -> int:
+    """Optimizer steps DeepSpeed skipped (fp16 overflow); 0 where the engine does not count them."""
+    return int(getattr(engine, "skipped_steps", 0))
+
+
 def set_checkpoint_loader(engine, load) -> None:
     """Make the engine read its own checkpoint files with ``load(path, map_location)``."""
     engine.checkpoint_engine.load = lambda path, map_location=None: load(path, map_location)

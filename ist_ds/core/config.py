@@ -65,6 +65,7 @@ class ISTConfig:
     full_params: tuple[str, ...] | None = None
     train_outside: str | tuple[str, ...] | None = None
     full_suppression: str = "residual"
+    verify_engine_files: bool = True
 
     def __post_init__(self) -> None:
         for key in ("full_params", "train_outside"):  # a list from YAML/JSON; stored as a tuple (immutable)
@@ -158,8 +159,9 @@ def _validate(c: ISTConfig) -> None:
     def fail(key: str, msg: str) -> None:
         raise ISTConfigError(f"ist.{key}: {msg} (got {getattr(c, key)!r})")
 
-    if not isinstance(c.enabled, bool):
-        fail("enabled", "must be true or false")
+    for key in ("enabled", "verify_engine_files"):
+        if not isinstance(getattr(c, key), bool):
+            fail(key, "must be true or false")
     if c.strategy not in STRATEGIES:
         fail("strategy", f"must be one of {', '.join(STRATEGIES)}")
     for key in ("train_layers", "suppress_layers"):
@@ -222,6 +224,6 @@ def _validate(c: ISTConfig) -> None:
     if c.offload_target != "host" and c.optimizer_state != "offload":
         fail("offload_target", "is only used with optimizer_state: offload")
     if c.offload_target == "disk" and c.offload_dir is None:
-        raise ISTConfigError("ist.offload_dir: offload_target: disk needs a directory in offload_dir")
+        raise ISTConfigError("ist.offload_target: disk needs a directory in ist.offload_dir (got none)")
     if c.offload_dir is not None and c.offload_target != "disk":
         fail("offload_dir", "is only used with optimizer_state: offload and offload_target: disk")

@@ -24,7 +24,8 @@ reach, so :class:`ISTTrainerMixin` overrides the Trainer methods that own them:
   (what ZeRO 0-3 call per param group), or the torch optimizer inside accelerate's wrapper
   otherwise, and the :class:`~ist_ds.controller.ISTController` is built around it.
 - checkpoints: ``_save_checkpoint`` writes the IST state to ``ist_state.pt`` in the checkpoint
-  folder, and puts offloaded optimizer state back (and every IST layer back to trainable) while
+  folder (and, once Trainer wrote its files, a checksum manifest that ``train`` verifies on every
+  rank before resuming; :mod:`ist_ds.checkpoint`), and puts offloaded optimizer state back (and every IST layer back to trainable) while
   Trainer saves the model and optimizer (``save_model`` too), so nothing of an unselected layer is
   left out; ``train`` remembers ``resume_from_checkpoint`` so that the state is read back when
   training resumes; under FSDP2, ``_load_optimizer_and_scheduler`` lets torch.distributed.checkpoint
@@ -50,6 +51,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import is_datasets_available
 
+from ist_ds.checkpoint import IST_STATE_FILE, MANIFEST_FILE, atomic_torch_save, safe_load, verify_checkpoint, write_manifest
 from ist_ds.collectives import default_collectives
 from ist_ds.controller import ISTController
 from ist_ds.core import ISTConfig
@@ -58,6 +60,7 @@ from ist_ds.layers import LayerMap, discover_layers, set_trainable
 from ist_ds.optimizer_gate import LAYER_KEY
 from ist_ds.param_groups import layer_param_groups
 from ist_ds.backends import zero3_linear
+from ist_ds.backends.deepspeed_support import refuse_unsupported
 from ist_ds.trainer import build_controller
 
 try:  # layer discovery for the config's target (PEFT blocks, or whole blocks in full mode)
@@ -69,7 +72,7 @@ except ImportError:  # a version without full-layer mode
 logger = logging.getLogger(__name__)
 
 #: File name of the IST state inside a Trainer checkpoint folder (``checkpoint-<step>/``).
-IST_STATE_NAME = "ist_state.pt"
+IST_STATE_NAME = IST_STATE_FILE
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -189,7 +192,10 @@ class ISTTrainerMixin:
     def __init__(self, *args, ist_config: ISTConfig | Mapping[str, Any] | None = None, scoring_dataset=None,
                  scoring_data_collator: Callable | None = None, ist_log_layers: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.ist_config: ISTConfig = read_ist_config(_deepspeed_config_of(self), ist_config)
+        ds_config = _deepspeed_config_of(self)
+        self.ist_config: ISTConfig = read_ist_config(ds_config, ist_config)
+        if self.ist_config.enabled and ds_config is not None:
+            refuse_unsupported(ds_config, self.model)  # partial/NVMe offload, pipeline parallelism
         self.ist: ISTController | None = None
         self._ist_scoring_dataset = scoring_dataset
         self._ist_scoring_collator = scoring_data_collator
@@ -200,6 +206,7 @@ class ISTTrainerMixin:
         self._ist_trained_since_log: list[int] = []
         self._ist_steps_since_log = 0
         self._ist_step_mismatch_warned = False
+        self._ist_skipped_steps = 0
         self._ist_layers: LayerMap | None = None
         if not self.ist_config.enabled:
             logger.info("no 'ist' settings (or enabled: false): training as a plain Trainer")
@@ -233,8 +240,13 @@ class ISTTrainerMixin:
         if isinstance(path, bool):
             path = get_last_checkpoint(self.args.output_dir) if path else None  # Trainer raises if None
         self._ist_resume_from = os.fspath(path) if path is not None else None
+        if self._ist_resume_from is not None and self.ist_config.enabled:
+            self._ist_verify(self._ist_resume_from)
+        safe = (_safe_deepspeed_loads() if self._ist_resume_from is not None and self.ist_config.enabled
+                and getattr(self, "is_deepspeed_enabled", False) else contextlib.nullcontext())
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            with safe:
+                return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._ist_resume_from = None
             self._ist_finish()
@@ -267,18 +279,32 @@ class ISTTrainerMixin:
                     config.strategy, config.optimizer_state)
 
     def _ist_after_step(self) -> None:
-        """After each real optimizer step: importance update (every T steps), next selection."""
+        """After each real optimizer step: importance update (every T steps), next selection.
+
+        A step the optimizer skipped (fp16 overflow, under DeepSpeed or torch AMP) trained nothing:
+        IST does not count it and keeps its selection.
+        """
         if not self._ist_active:
+            return
+        if self._ist_step_skipped():
+            self._ist_skipped_steps += 1
+            logger.info("optimizer step skipped (gradient overflow); IST keeps step %d", self.ist.step)
             return
         controller = self.ist
         for i in controller.selected:
             self._ist_trained_since_log[i] += 1
         self._ist_steps_since_log += 1
         controller.after_optimizer_step()
-        if controller.step != self.state.global_step and not self._ist_step_mismatch_warned:
+        if controller.step + self._ist_skipped_steps != self.state.global_step and not self._ist_step_mismatch_warned:
             self._ist_step_mismatch_warned = True
             logger.warning("IST step %d differs from the Trainer's global step %d (was the IST state restored "
                            "from another run?)", controller.step, self.state.global_step)
+
+    def _ist_step_skipped(self) -> bool:
+        try:
+            return bool(self.accelerator.optimizer_step_was_skipped)
+        except (AttributeError, TypeError):
+            return False
 
     def _ist_finish(self) -> None:
         """Hand the model and optimizer back as given: offloaded state restored, every layer trainable."""
@@ -400,11 +426,16 @@ class ISTTrainerMixin:
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
         with self._ist_full_view():
+            run_dir = (self._get_output_dir(trial=trial) if hasattr(self, "_get_output_dir")
+                       else self.args.output_dir)
+            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             if self._ist_active and self.args.should_save:
-                run_dir = (self._get_output_dir(trial=trial) if hasattr(self, "_get_output_dir")
-                           else self.args.output_dir)
-                self._ist_save(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
-            return super()._save_checkpoint(model, trial, *args, **kwargs)
+                self._ist_save(folder)
+            out = super()._save_checkpoint(model, trial, *args, **kwargs)
+            if self._ist_active and os.path.isdir(folder):
+                # Every rank has written its files; the checksums of all of them, hashed by all ranks.
+                write_manifest(folder, self.ist.comm, self.ist_config.verify_engine_files)
+            return out
 
     def _ist_save(self, folder: str) -> None:
         """Write ``ist_state.pt``: the controller's state, plus which layers the optimizer holds no state for."""
@@ -414,10 +445,7 @@ class ISTTrainerMixin:
             layer for layer in gate.all_layers
             if not any(t in gate.optimizer.state and gate.optimizer.state[t] for t in gate.masters(layer))]}
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, IST_STATE_NAME)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a checkpoint never holds a half-written IST state
+        atomic_torch_save(state, os.path.join(folder, IST_STATE_NAME))  # never half-written
 
     def _load_optimizer_and_scheduler(self, checkpoint, *args, **kwargs):
         # torch.distributed.checkpoint (FSDP2) refuses to load an optimizer state dict that lacks the
@@ -427,7 +455,7 @@ class ISTTrainerMixin:
         if checkpoint is not None and self.ist_config.enabled and getattr(self, "is_fsdp_enabled", False):
             path = os.path.join(checkpoint, IST_STATE_NAME)
             if os.path.isfile(path):
-                saved = torch.load(path, map_location="cpu", weights_only=True)
+                saved = safe_load(path)
                 layers = list((saved.get("trainer") or {}).get("layers_without_optimizer_state", []))
         params = self._ist_layer_map(self.model).parameters_of(layers) if layers else []
         flags = [p.requires_grad for p in params]
@@ -449,6 +477,12 @@ class ISTTrainerMixin:
         self._ist_finish()
         return super()._load_best_model(*args, **kwargs)
 
+    def _ist_verify(self, checkpoint: str) -> None:
+        """Check the checkpoint's manifest on every rank together, before Trainer loads anything."""
+        if not any(os.path.isfile(os.path.join(checkpoint, n)) for n in (IST_STATE_NAME, MANIFEST_FILE)):
+            return  # a checkpoint written without IST: Trainer's own business
+        verify_checkpoint(checkpoint, default_collectives(), self.ist_config.verify_engine_files)
+
     def _ist_load(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, IST_STATE_NAME)
         if not os.path.isfile(path):
@@ -456,7 +490,7 @@ class ISTTrainerMixin:
                            self.state.global_step)
             self.ist.step = self.state.global_step
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_load(path)
         saved = state.get("config") or {}
         changed = sorted(k for k, v in self.ist_config.to_dict().items() if k in saved and saved[k] != v)
         if changed:
@@ -471,6 +505,23 @@ class ISTTrainer(ISTTrainerMixin, Trainer):
 
 
 # ---------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _safe_deepspeed_loads():
+    """While Trainer resumes: DeepSpeed reads its checkpoint files as plain data (ist_ds.checkpoint.safe_load).
+
+    Trainer builds the engine and loads its checkpoint inside ``train``, before any callback runs, so
+    the engine's checkpoint engine is patched at the class for that time.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    original = TorchCheckpointEngine.load
+    TorchCheckpointEngine.load = lambda self, path, map_location=None: safe_load(path, map_location)
+    try:
+        yield
+    finally:
+        TorchCheckpointEngine.load = original
+
+
 def _regroup_by_layer(optimizer, layer_map: LayerMap) -> None:
     """Split an optimizer's param groups by IST layer, in place (groups keep their options)."""
     from accelerate.utils import DummyOptim
