@@ -113,7 +113,13 @@ class OptimizerGate:
         return layer < 0 or layer in self.selected
 
     def unwrap(self) -> None:
+        """Hand the optimizer back as it was (and undo what the backends' memories installed)."""
         self.optimizer.step = self._inner_step
+        for memory in self.memories:
+            uninstall = getattr(memory, "uninstall", None)
+            if uninstall is not None:
+                uninstall()
+        self.memories.clear()
 
     # ------------------------------------------------------------------ reporting
     def state_bytes(self) -> dict[str, int]:

@@ -41,7 +41,7 @@ import torch
 
 from ist_ds.backends import zero3_linear
 from ist_ds.backends.deepspeed_support import refuse_unsupported
-from ist_ds.backends.zero_memory import ZeroMemory
+from ist_ds.backends.zero_memory import ZeroMemory, install_zero_memory
 from ist_ds.checkpoint import (IST_STATE_FILE, atomic_torch_save, check_world_size, publish_latest, read_latest,
                                 remove_stale_tmp, rng_file, rng_state, safe_load, set_rng_state, verify_checkpoint,
                                 write_manifest)
@@ -213,29 +213,6 @@ class DeepSpeedIST(ISTView):
         engine.load_checkpoint = ist_load_checkpoint
 
 
-def _install_zero_memory(engine, controller: ISTController, config: ISTConfig, rank: int) -> None:
-    """Under ZeRO-1/2/3: no gradient partitions for unselected layers; with offload/drop, masters away too."""
-    zero = engine.optimizer
-    if ds_compat.zero_kind(zero) is None:
-        return  # stage 0 (plain or bf16 wrapper): the gate and the state store do everything there
-    gate = controller.gate
-    park = config.optimizer_state in ("offload", "drop")
-    try:
-        memory = ZeroMemory(zero, gate.trains, park, config.offload_target,
-                            os.path.join(config.offload_dir, "masters") if config.offload_dir else None, rank)
-    except ds_compat.DeepSpeedInternalsChanged:
-        if park:
-            raise
-        logger.warning("DeepSpeed internals changed; IST keeps ZeRO's gradient partitions of unselected layers",
-                       exc_info=True)
-        return
-    gate.memories.append(memory)
-    logger.info("ZeRO memory: gradient partitions of unselected layers elided; fp32 masters %s",
-                "parked with their state" if memory.park_masters else
-                "left in place (DeepSpeed offload keeps them on the host)" if memory.host_masters and park else
-                "kept (optimizer_state: keep)" if not park else "left in place")
-
-
 def _regroup_optimizer(optimizer, layer_map: LayerMap):
     """Rebuild a client optimizer with one param group per layer (same class, same defaults)."""
     if optimizer.state:
@@ -301,7 +278,7 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     controller = build_controller(
         engine.module, ist_config, inner, layer_map, scoring_dataset,
         scoring_collate_fn or collate_fn, engine.device, collectives, rank=collectives.rank)
-    _install_zero_memory(engine, controller, ist_config, collectives.rank)
+    install_zero_memory(engine, controller, ist_config, collectives.rank)
     if engine.zero_optimization_stage() == 3:
         zero3_linear.install()  # frozen linears stop saving their inputs for backward
     hook = DeepSpeedIST(engine, controller)

@@ -90,6 +90,7 @@ class ZeroMemory:
         self._zeros: dict[tuple, torch.Tensor] = {}
         self._copies = CopyStream(self.master(0).device if count else None)
         self._stepping = False
+        self._originals: list[tuple[str, object]] = []
         if self.park_masters and target == "disk":
             if not directory:
                 raise ValueError("parking masters on disk needs a directory")
@@ -172,6 +173,19 @@ class ZeroMemory:
         else:
             self._install_zero3()
 
+    def _patch(self, name: str, replacement) -> None:
+        self._originals.append((name, getattr(self.opt, name)))
+        setattr(self.opt, name, replacement)
+
+    def uninstall(self) -> None:
+        """Masters back in place and DeepSpeed's own methods restored (the Trainer's ``train()`` ends)."""
+        self.restore_all()
+        for name, original in reversed(self._originals):
+            setattr(self.opt, name, original)
+        self._originals.clear()
+        if self.kind == "zero12":
+            ds.filter_zero12_allgather(self.opt, None)
+
     def _install_zero12(self) -> None:
         opt = self.opt
         # Only inside IST's step: a load's re-gather (``update_lp_params``) must still move every group.
@@ -199,7 +213,7 @@ class ZeroMemory:
                     master.grad = None
                     master.data = data
 
-        opt.step = ist_step
+        self._patch("step", ist_step)
         if ds.zero12_offloads(opt):
             return  # gradients go straight into pinned host buffers; nothing is built per group on device
 
@@ -233,9 +247,9 @@ class ZeroMemory:
                                    ds.zero12_master(opt, group_idx).device)]
             return build_compact(group_idx)
 
-        opt.get_all_grad_tensors = ist_get_all_grad_tensors
-        opt.get_flat_partition = ist_get_flat_partition
-        opt._build_compact_grad_partition_buffer = ist_build_compact
+        self._patch("get_all_grad_tensors", ist_get_all_grad_tensors)
+        self._patch("get_flat_partition", ist_get_flat_partition)
+        self._patch("_build_compact_grad_partition_buffer", ist_build_compact)
 
     def _install_zero3(self) -> None:
         opt = self.opt
@@ -248,7 +262,7 @@ class ZeroMemory:
                 self._copies.wait()  # the masters prefetched after the previous step
                 return _original(sub_group_id, *args, **kwargs)
 
-            setattr(opt, name, functools.wraps(original)(skip_unselected))
+            self._patch(name, functools.wraps(original)(skip_unselected))
         if ds.zero3_offloads(opt):
             return  # gradients are copied into the masters' pinned host buffers; no zeros are built
 
@@ -275,7 +289,35 @@ class ZeroMemory:
                         g.zero_()  # the slice may hold the layer's last real gradient
             return out
 
-        opt.independent_gradient_partition_epilogue = ist_epilogue
+        self._patch("independent_gradient_partition_epilogue", ist_epilogue)
+
+
+def install_zero_memory(engine, controller, config, rank: int) -> "ZeroMemory | None":
+    """Hand ``controller``'s gate a :class:`ZeroMemory` for ``engine``'s ZeRO optimizer (stage 1-3).
+
+    Stage 0 (plain or bf16 wrapper) gets none: the gate and the state store do everything there. With
+    ``optimizer_state: keep`` a DeepSpeed whose internals changed only loses the gradient savings (a
+    warning); with ``offload``/``drop`` it is refused, since masters would have to move.
+    """
+    zero = engine.optimizer
+    if ds.zero_kind(zero) is None:
+        return None
+    gate = controller.gate
+    park = config.optimizer_state in ("offload", "drop")
+    directory = os.path.join(config.offload_dir, "masters") if config.offload_dir else None
+    try:
+        memory = ZeroMemory(zero, gate.trains, park, config.offload_target, directory, rank)
+    except ds.DeepSpeedInternalsChanged:
+        if park:
+            raise
+        logger.warning("DeepSpeed internals changed; IST keeps ZeRO's gradient partitions of unselected layers",
+                       exc_info=True)
+        return None
+    gate.memories.append(memory)
+    logger.info("ZeRO memory: no gradient partitions for unselected layers; fp32 masters %s",
+                "parked with their optimizer state" if memory.park_masters else
+                "left on the host by DeepSpeed's offload_optimizer" if park else "kept (optimizer_state: keep)")
+    return memory
 
 
 def zero_gradient_bytes(zero_optimizer) -> int:

@@ -226,13 +226,13 @@ def zero12_contiguous_grads(optimizer):
 _ALLGATHER_FILTERS: dict[int, Callable[[int], bool]] = {}
 
 
-def filter_zero12_allgather(optimizer, keep: Callable[[int], bool]) -> None:
+def filter_zero12_allgather(optimizer, keep: Callable[[int], bool] | None) -> None:
     """Let ZeRO-1/2's all-gather of bit16 partitions skip the groups for which ``keep(i)`` is false.
 
     DeepSpeed calls the module-level ``all_gather_dp_groups`` with the optimizer's own
     ``bit16_groups_flat`` list; the wrapper (installed once) recognises that list by identity and
     narrows every per-group list to the kept groups. Every other call, and every other optimizer,
-    goes through unchanged. ``keep`` must give the same answer on every rank.
+    goes through unchanged. ``keep`` must give the same answer on every rank; None removes the filter.
     """
     import deepspeed.runtime.zero.stage_1_and_2 as zero12
 
@@ -254,7 +254,10 @@ def filter_zero12_allgather(optimizer, keep: Callable[[int], bool]) -> None:
         all_gather_dp_groups.ist_filtered = True
         all_gather_dp_groups.__wrapped__ = original
         zero12.all_gather_dp_groups = all_gather_dp_groups
-    _ALLGATHER_FILTERS[id(optimizer.bit16_groups_flat)] = keep
+    if keep is None:
+        _ALLGATHER_FILTERS.pop(id(optimizer.bit16_groups_flat), None)
+    else:
+        _ALLGATHER_FILTERS[id(optimizer.bit16_groups_flat)] = keep
 
 
 def zero12_offloads(optimizer) -> bool:

@@ -61,6 +61,7 @@ from ist_ds.optimizer_gate import LAYER_KEY
 from ist_ds.param_groups import layer_param_groups
 from ist_ds.backends import zero3_linear
 from ist_ds.backends.deepspeed_support import refuse_unsupported
+from ist_ds.backends.zero_memory import install_zero_memory
 from ist_ds.trainer import build_controller
 
 try:  # layer discovery for the config's target (PEFT blocks, or whole blocks in full mode)
@@ -269,6 +270,9 @@ class ISTTrainerMixin:
         self._ist_active = True
         if getattr(self, "is_deepspeed_enabled", False) and self.model_wrapped.zero_optimization_stage() == 3:
             zero3_linear.install()  # frozen linears stop saving their inputs for backward
+        if getattr(self, "is_deepspeed_enabled", False):
+            # ZeRO-1/2/3: no gradient partitions for unselected layers; offload/drop park their masters too
+            install_zero_memory(self.model_wrapped, controller, config, collectives.rank)
         if self._ist_resume_from is not None:
             self._ist_load(self._ist_resume_from)
         controller.start()
@@ -312,7 +316,7 @@ class ISTTrainerMixin:
             return
         gate = self.ist.gate
         try:
-            gate.store.restore_all(gate.optimizer.state)
+            gate.restore_all()
             set_trainable(self.ist.layer_map, range(self.ist.num_layers))
         finally:
             gate.unwrap()
@@ -416,7 +420,7 @@ class ISTTrainerMixin:
         gate = controller.gate
         self._ist_view_depth += 1
         try:
-            gate.store.restore_all(gate.optimizer.state)
+            gate.restore_all()
             set_trainable(controller.layer_map, range(controller.num_layers))
             yield
         finally:
