@@ -123,8 +123,8 @@ class CommCounter:
 
     Installed in a rank before its process group exists (DeepSpeed caches some collective functions
     when it initialises), it wraps the module-level functions that DeepSpeed's torch backend and
-    FSDP2 call. A collective counts the bytes of the tensors this rank contributes (all-gather: the
-    gathered output, which is what crosses the wire in total for this rank's view).
+    FSDP2 call. A collective counts the bytes of its largest tensor argument: the all-reduced tensor,
+    the gathered output of an all-gather, the input of a reduce-scatter.
     """
 
     NAMES = ("all_reduce", "reduce", "broadcast", "reduce_scatter", "reduce_scatter_tensor", "all_gather",
@@ -132,14 +132,16 @@ class CommCounter:
 
     def __init__(self) -> None:
         import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
 
         self.active = False
         self.bytes = 0
         self.calls = 0
-        for name in self.NAMES:
-            fn = getattr(dist, name, None)
-            if fn is not None:
-                setattr(dist, name, self._wrap(fn))
+        for module in (dist, c10d):  # FSDP2 and DeepSpeed reach the functions through either
+            for name in self.NAMES:
+                fn = getattr(module, name, None)
+                if fn is not None:
+                    setattr(module, name, self._wrap(fn))
 
     @staticmethod
     def _nbytes(x) -> int:
@@ -151,9 +153,8 @@ class CommCounter:
 
     def _wrap(self, fn):
         def counted(*args, **kwargs):
-            if self.active:
-                first = args[0] if args else next(iter(kwargs.values()), None)
-                self.bytes += self._nbytes(first)
+            if self.active:  # the largest tensor argument: all-reduce's tensor, all-gather's output, ...
+                self.bytes += max((self._nbytes(a) for a in (*args, *kwargs.values())), default=0)
                 self.calls += 1
             return fn(*args, **kwargs)
 

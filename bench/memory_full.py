@@ -338,7 +338,8 @@ def main(argv=None) -> int:
                     total = engine_total(r) / engine_total(base)
                     body.append([r["name"], rk, f"{r['masters_live'] / base['masters_live']:.3f}", f"{live:.3f}",
                                  f"{r['grads'] / base['grads']:.3f}", f"{total:.3f}",
-                                 f"{r['comm'] / base['comm']:.3f}", f"{r['step_s'] / base['step_s']:.3f}"])
+                                 f"{r['comm'] / base['comm']:.3f}" if base["comm"] else "-",
+                                 f"{r['step_s'] / base['step_s']:.3f}"])
                     if r["name"].startswith(("IST offload", "IST drop")):
                         verdicts.append((f"{label} rank {rk}, {r['name']}: live optimizer state / full FT = {live:.3f} "
                                          f"(target <= {TARGET_STATE})", live <= TARGET_STATE))

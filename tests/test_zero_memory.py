@@ -8,7 +8,8 @@ and drop, and checks after every optimizer step on both ranks:
 - unselected layers' LoRA weights are bit-identical across the step;
 - both ranks end with the same weights (ZeRO-1/2's post-step all-gather skips unselected groups);
 - between backward and step, ZeRO builds no gradient partition for an unselected layer (ZeRO-1/2: a
-  zero-stride zero; ZeRO-3: zeroed slices of its flat buffer, whose total stays uniform's).
+  zero-stride zero; ZeRO-3: zeroed slices of its flat buffer, whose total stays uniform's); ZeRO-1/2
+  hold at most 0.30 of uniform's gradient bytes (N_u / L = 0.25), ZeRO-3 never more than uniform.
 
 The DeepSpeed internals this relies on are checked by name, signature and source in
 :mod:`ist_ds.compat.deepspeed`; a changed DeepSpeed must be reported, not patched blindly.
@@ -128,9 +129,10 @@ def test_masters_and_gradients_of_unselected_layers_leave_the_device():
             assert off["history"] == keep["history"] == drop["history"]
             masters = off["report"]["master_bytes"]
             assert masters["engine"] * L == pytest.approx(N_U * (masters["engine"] + masters["host"])), masters
-            for run in (keep, off, drop):  # ZeRO-3 and ZeRO-2 hold one buffer for all; no zeros on top
-                if stage == 3:
-                    assert run["grad"] <= uniform["grad"], (stage, run["grad"], uniform["grad"])
+            for run in (keep, off, drop):
+                assert run["grad"] <= uniform["grad"], (stage, run["grad"], uniform["grad"])
+                if stage in (1, 2):  # only the trained layers' gradients are held
+                    assert run["grad"] <= 0.30 * uniform["grad"], (stage, run["grad"], uniform["grad"])
 
 
 def test_deepspeed_internals_match_the_checked_version():

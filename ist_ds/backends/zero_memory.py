@@ -13,8 +13,11 @@ a master rebuilt from bf16 weights would lose the low bits of every update. Mast
 where DeepSpeed's own ``offload_optimizer`` already keeps them on the host, and under ZeRO-3 with fp32
 weights, where the master *is* the weight partition that every forward gathers.
 
-**No gradient partition for what does not train.** ZeRO-1/2 build, at the end of backward, a gradient
-partition for every param group, filling zeros for parameters without a gradient; ZeRO-3 builds new
+**No gradient partition for what does not train.** ZeRO-2 copies the reduced gradients of its
+partition into one contiguous buffer that it sizes for every parameter of every group; IST allocates
+it for the parameters of the layers that train in the step instead. ZeRO-1/2 then build, at the end
+of backward, a gradient partition for every param group, filling zeros for parameters without a
+gradient; ZeRO-3 builds new
 zero tensors for parameters that do not require grad. For groups (sub-groups) of unselected layers
 this module hands DeepSpeed a zero-stride zero tensor instead (4 bytes, whatever the partition size),
 and under ZeRO-3 points them at their slices of the flat gradient buffer (zeroed) instead of new
@@ -247,6 +250,19 @@ class ZeroMemory:
                                    ds.zero12_master(opt, group_idx).device)]
             return build_compact(group_idx)
 
+        copy_grads_in_partition = opt.copy_grads_in_partition
+
+        @functools.wraps(copy_grads_in_partition)
+        def ist_copy_grads_in_partition(param, group_idx=None):
+            # ZeRO-2 copies each reduced gradient of its partition into one buffer it allocates, at the
+            # first reduction of a backward, for every parameter of every group. Only the layers that
+            # train this step are reduced, so a buffer for their parameters is enough.
+            if ds.zero12_contiguous_grads(opt) is None and not ds.zero12_uses_compact_grads(opt, group_idx):
+                trained = [i for i in range(len(self.layer_of)) if self.trains_index(i)]
+                ds.zero12_allocate_contiguous_grads(opt, trained)
+            return copy_grads_in_partition(param, group_idx)
+
+        self._patch("copy_grads_in_partition", ist_copy_grads_in_partition)
         self._patch("get_all_grad_tensors", ist_get_all_grad_tensors)
         self._patch("get_flat_partition", ist_get_flat_partition)
         self._patch("_build_compact_grad_partition_buffer", ist_build_compact)

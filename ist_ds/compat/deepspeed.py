@@ -42,9 +42,11 @@ CHECKED_VERSION = "0.19.8"
 
 ZERO12_ATTRS = ("single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups", "params_in_partition",
                 "averaged_gradients", "cpu_offload", "partition_size", "real_dp_process_group", "optimizer",
-                "bit16_groups_flat", "gradient_accumulation_dtype")
+                "bit16_groups_flat", "gradient_accumulation_dtype", "dtype")
 ZERO12_METHODS = {
     "step": ("closure",),
+    "copy_grads_in_partition": ("param", "group_idx"),
+    "_use_compact_grad_partition_buffer": ("group_idx",),
     "get_all_grad_tensors": ("tensor_list", "dtype"),
     "get_flat_partition": ("tensor_list", "first_offset", "partition_size", "dtype", "device",
                            "param_group_idx", "return_tensor_list"),
@@ -62,6 +64,8 @@ ZERO3_METHODS = {
     "_release_sub_group": ("sub_group_id", "timer_names"),
 }
 # Lines of DeepSpeed's own code whose behaviour the patches depend on (see each patch's docstring).
+ZERO12_COPY_SOURCE = ("if self.grads_in_partition is None:",
+                      "new_grad_tensor = self.grads_in_partition.view(-1).narrow(0, self.grads_in_partition_offset, param.numel())")
 ZERO12_STEP_SOURCE = ("self.single_partition_of_fp32_groups[i].grad = single_grad_partition",
                       "bit16_partitions[partition_id].data.copy_(fp32_partition.data)",
                       "self._optimizer_step(i)",
@@ -142,7 +146,8 @@ def zero_internal_problems(kind: str, optimizer=None) -> list[str]:
     """What differs from the DeepSpeed internals IST was checked against (empty when nothing does)."""
     if kind == "zero12":
         cls = type(optimizer) if optimizer is not None else zero12_class()
-        return _problems(cls, ZERO12_ATTRS, ZERO12_METHODS, [("step", ZERO12_STEP_SOURCE)], optimizer)
+        return _problems(cls, ZERO12_ATTRS, ZERO12_METHODS,
+                         [("step", ZERO12_STEP_SOURCE), ("copy_grads_in_partition", ZERO12_COPY_SOURCE)], optimizer)
     cls = type(optimizer) if optimizer is not None else zero3_class()
     return _problems(cls, ZERO3_ATTRS, ZERO3_METHODS,
                      [("independent_gradient_partition_epilogue", ZERO3_EPILOGUE_SOURCE),
@@ -258,6 +263,29 @@ def filter_zero12_allgather(optimizer, keep: Callable[[int], bool] | None) -> No
         _ALLGATHER_FILTERS.pop(id(optimizer.bit16_groups_flat), None)
     else:
         _ALLGATHER_FILTERS[id(optimizer.bit16_groups_flat)] = keep
+
+
+def zero12_uses_compact_grads(optimizer, group) -> bool:
+    """Whether a group's gradients go to a compact fp32 partition (bf16 weights, fp32 accumulation)."""
+    if group is None:
+        group = 0
+    return bool(optimizer._use_compact_grad_partition_buffer(group))
+
+
+def zero12_allocate_contiguous_grads(optimizer, groups) -> None:
+    """Allocate ZeRO-2's contiguous partition-gradient buffer for the parameters of ``groups`` only.
+
+    DeepSpeed allocates it (``grads_in_partition``) at the first reduction of a backward, sized for
+    every parameter of every group, and fills it from offset 0 in reduction order; a buffer allocated
+    here first is used instead. A gradient that does not fit fails loudly in DeepSpeed's ``narrow``.
+    """
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    total = sum(p.numel() for i in groups for p in optimizer.params_in_partition[i])
+    optimizer.grads_in_partition = torch.empty(int(total), dtype=optimizer.dtype,
+                                               device=get_accelerator().current_device_name())
+    optimizer.grads_in_partition_offset = 0
 
 
 def zero12_offloads(optimizer) -> bool:
