@@ -101,6 +101,10 @@ class OptimizerGate:
                 for memory in self.memories:
                     memory.restore(layer)
         self.selected = new
+        for memory in self.memories:
+            on_selection = getattr(memory, "on_selection", None)
+            if on_selection is not None:
+                on_selection()
 
     def restore_all(self) -> None:
         """Put every layer's state and memory back (before a checkpoint is written or loaded)."""

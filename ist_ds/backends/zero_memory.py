@@ -19,10 +19,10 @@ it for the parameters of the layers that train in the step instead. ZeRO-1/2 the
 of backward, a gradient partition for every param group, filling zeros for parameters without a
 gradient; ZeRO-3 builds new
 zero tensors for parameters that do not require grad. For groups (sub-groups) of unselected layers
-this module hands DeepSpeed a zero-stride zero tensor instead (4 bytes, whatever the partition size),
-and under ZeRO-3 points them at their slices of the flat gradient buffer (zeroed) instead of new
-zeros. ZeRO-3 allocates that flat buffer for every trainable parameter at init and indexes it by
-parameter: it stays as large as uniform training's (see docs/deepspeed.md).
+this module hands DeepSpeed a zero-stride zero tensor instead (4 bytes, whatever the partition size).
+ZeRO-3 also allocates one flat gradient buffer at init for every trainable parameter and looks up
+each parameter's slice in it: IST replaces it by a buffer sized for the largest possible selection
+and, at each selection change, gives the selected parameters consecutive slices of it.
 
 **The step touches only the selected.** ZeRO-3's per-sub-group work (flatten the gradient, unscale
 and clip, step, copy the master into the bit16 partition, release) is skipped for unselected
@@ -68,7 +68,8 @@ class ZeroMemory:
     """
 
     def __init__(self, zero_optimizer, trains: Callable[[int], bool], park_masters: bool,
-                 target: str = "host", directory: str | None = None, rank: int = 0) -> None:
+                 target: str = "host", directory: str | None = None, rank: int = 0,
+                 max_trained_layers: int | None = None) -> None:
         self.opt = zero_optimizer
         self.kind = ds.zero_kind(zero_optimizer)
         if self.kind is None:
@@ -94,11 +95,14 @@ class ZeroMemory:
         self._copies = CopyStream(self.master(0).device if count else None)
         self._stepping = False
         self._originals: list[tuple[str, object]] = []
+        self._grad_buffer: torch.Tensor | None = None  # ZeRO-3: the flat gradient buffer, shrunk
         if self.park_masters and target == "disk":
             if not directory:
                 raise ValueError("parking masters on disk needs a directory")
             os.makedirs(directory, exist_ok=True)
         self._install()
+        if self.kind == "zero3" and not self.host_masters and max_trained_layers is not None:
+            self._shrink_zero3_grad_buffer(max_trained_layers)
 
     # ------------------------------------------------------------------ selection
     def trains_index(self, index: int) -> bool:
@@ -141,6 +145,11 @@ class ZeroMemory:
         if back:
             self._copies.run(lambda: [unpark(parked, non_blocking) for parked in back])
 
+    def on_selection(self) -> None:
+        """Called by the gate once a new selection is in place."""
+        if self._grad_buffer is not None:
+            self._map_zero3_grads()
+
     def restore_all(self) -> None:
         self._copies.wait()
         for i in sorted(self._parked):
@@ -170,6 +179,42 @@ class ZeroMemory:
             self._zeros[key] = torch.zeros(1, dtype=dtype, device=device)
         return self._zeros[key].expand(int(numel))
 
+    def _zero3_params(self) -> list[tuple[int, torch.nn.Parameter]]:
+        return [(s, p) for s in range(len(self.layer_of)) for p in ds.zero3_params(self.opt, s)]
+
+    def _shrink_zero3_grad_buffer(self, max_trained_layers: int) -> None:
+        """Replace ZeRO-3's flat gradient buffer by one that fits the largest possible selection.
+
+        DeepSpeed allocates it at init for every trainable parameter and looks each parameter's slice
+        up by ``ds_id`` when it reduces a gradient (copying on the first micro-step, adding after).
+        Only selected layers are reduced, so after each selection change the selected parameters get
+        consecutive slices of a buffer sized for the ``max_trained_layers`` largest layers (plus the
+        parameters outside the blocks), and unselected ones a zero-stride zero.
+        """
+        per_layer: dict[int, int] = {}
+        for s, p in self._zero3_params():
+            per_layer[self.layer_of[s]] = per_layer.get(self.layer_of[s], 0) + p.partition_numel()
+        outside = per_layer.pop(-1, 0)
+        sizes = sorted(per_layer.values(), reverse=True)
+        capacity = outside + sum(sizes[:max_trained_layers])
+        if capacity >= outside + sum(sizes):
+            return
+        old = ds.zero3_grad_buffer(self.opt)
+        self._grad_buffer = torch.zeros(capacity, dtype=old.dtype, device=old.device)
+        ds.set_zero3_grad_buffer(self.opt, self._grad_buffer)
+        self._map_zero3_grads()
+
+    def _map_zero3_grads(self) -> None:
+        buffer, mapping, offset = self._grad_buffer, ds.zero3_grad_partition_map(self.opt), 0
+        buffer.zero_()  # a slice a rank never writes (all padding) must read as zero, as in DeepSpeed's own
+        for s, p in self._zero3_params():
+            n = p.partition_numel()
+            if self.trains_index(s):
+                mapping[p.ds_id] = buffer.narrow(0, offset, n)
+                offset += n
+            else:
+                mapping[p.ds_id] = self._zero(n, buffer.dtype, buffer.device)
+
     def _install(self) -> None:
         if self.kind == "zero12":
             self._install_zero12()
@@ -183,6 +228,15 @@ class ZeroMemory:
     def uninstall(self) -> None:
         """Masters back in place and DeepSpeed's own methods restored (the Trainer's ``train()`` ends)."""
         self.restore_all()
+        if self._grad_buffer is not None:  # every parameter its own slice again, as DeepSpeed laid it out
+            self._grad_buffer = None
+            total = sum(p.partition_numel() for _, p in self._zero3_params())
+            full = torch.zeros(total, dtype=ds.zero3_grad_accum_dtype(self.opt), device=self.master(0).device)
+            ds.set_zero3_grad_buffer(self.opt, full)
+            mapping, offset = ds.zero3_grad_partition_map(self.opt), 0
+            for _, p in self._zero3_params():
+                mapping[p.ds_id] = full.narrow(0, offset, p.partition_numel())
+                offset += p.partition_numel()
         for name, original in reversed(self._originals):
             setattr(self.opt, name, original)
         self._originals.clear()
@@ -302,7 +356,8 @@ class ZeroMemory:
             for s in range(len(self.layer_of)):
                 if not self.trains_index(s):
                     for g in grads.get(s) or ():
-                        g.zero_()  # the slice may hold the layer's last real gradient
+                        if 0 not in g.stride():  # a zero-stride zero is zero already
+                            g.zero_()  # the slice may hold the layer's last real gradient
             return out
 
         self._patch("independent_gradient_partition_epilogue", ist_epilogue)
@@ -321,8 +376,9 @@ def install_zero_memory(engine, controller, config, rank: int) -> "ZeroMemory | 
     gate = controller.gate
     park = config.optimizer_state in ("offload", "drop")
     directory = os.path.join(config.offload_dir, "masters") if config.offload_dir else None
+    max_trained = controller.num_layers if config.strategy == "all" else controller.importance.num_train
     try:
-        memory = ZeroMemory(zero, gate.trains, park, config.offload_target, directory, rank)
+        memory = ZeroMemory(zero, gate.trains, park, config.offload_target, directory, rank, max_trained)
     except ds.DeepSpeedInternalsChanged:
         if park:
             raise

@@ -54,7 +54,7 @@ ZERO12_METHODS = {
 }
 ZERO3_ATTRS = ("fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "fp16_groups",
                "sub_group_to_group_id", "offload_optimizer", "averaged_gradients", "grad_partitions_flat_buffer",
-               "optimizer")
+               "optimizer", "gradient_accumulation_dtype", "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition")
 ZERO3_METHODS = {
     "independent_gradient_partition_epilogue": (),
     "_prepare_sub_group": ("sub_group_id", "timer_names"),
@@ -71,6 +71,8 @@ ZERO12_STEP_SOURCE = ("self.single_partition_of_fp32_groups[i].grad = single_gra
                       "self._optimizer_step(i)",
                       "all_gather_dp_groups(groups_flat=self.bit16_groups_flat,")
 ZERO3_EPILOGUE_SOURCE = ("if param.requires_grad else torch.zeros_like(param.ds_tensor)",)
+ZERO3_PARTITION_GRADS_SOURCE = ("grad_buffer = self.__param_id_to_grad_partition[param.ds_id].narrow(0, 0, grad_partition.numel())",
+                                "if self.micro_step_id == 0:  # don't accumulate")
 ZERO3_STEP_SOURCE = ("self._prepare_sub_group(sub_group_id, timer_names)",
                      "self.unscale_and_clip_grads(sub_group_id, scaled_global_grad_norm)",
                      "self._optimizer_step(sub_group_id)",
@@ -151,6 +153,7 @@ def zero_internal_problems(kind: str, optimizer=None) -> list[str]:
     cls = type(optimizer) if optimizer is not None else zero3_class()
     return _problems(cls, ZERO3_ATTRS, ZERO3_METHODS,
                      [("independent_gradient_partition_epilogue", ZERO3_EPILOGUE_SOURCE),
+                      ("partition_grads", ZERO3_PARTITION_GRADS_SOURCE),
                       ("step", ZERO3_STEP_SOURCE)], optimizer)
 
 
@@ -319,6 +322,23 @@ def zero3_offloads(optimizer) -> bool:
 
 def zero3_grad_buffer(optimizer):
     return optimizer.grad_partitions_flat_buffer
+
+
+def zero3_grad_partition_map(optimizer) -> dict:
+    """ZeRO-3's ``ds_id -> gradient partition`` views (views of ``grad_partitions_flat_buffer``).
+
+    ``partition_grads`` copies (first micro-step) or adds each reduced gradient partition into the
+    view it finds here; the epilogue hands the views of parameters that require grad to the step.
+    """
+    return optimizer._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
+
+
+def set_zero3_grad_buffer(optimizer, buffer) -> None:
+    optimizer.grad_partitions_flat_buffer = buffer
+
+
+def zero3_grad_accum_dtype(optimizer):
+    return optimizer.gradient_accumulation_dtype
 
 
 def averaged_gradients(optimizer) -> dict:
