@@ -399,6 +399,20 @@ def test_every_shipped_config_loads():
         assert filled["bf16"] == {"enabled": True} and filled["gradient_accumulation_steps"] == 1
 
 
+def test_readme_own_loop_config_builds_no_jit_op():
+    """The README's own-loop DeepSpeed config must not send a CPU user into a minutes-long JIT build of
+    fused_adam: its AdamW says torch_adam (or the README would have to pre-build the op)."""
+    import ast
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"ds_config = (\{.*?\n\})", readme, re.S)
+    assert block, "the README's own-loop example lost its ds_config"
+    config = ast.literal_eval(block.group(1))
+    optimizer = config["optimizer"]
+    assert optimizer["type"].lower() in ("adam", "adamw") and optimizer["params"].get("torch_adam") is True
+    assert "ist" in config
+
+
 def _train_shipped_ds_configs(rank, world, paths, ext_dir):
     os.environ["TORCH_EXTENSIONS_DIR"] = ext_dir
     import ist_ds
