@@ -74,7 +74,11 @@ def model_directory(path: str | None, gguf_file: str | None = None, cache_dir: s
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with open(target + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be converting the same file right now
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another rank is converting the same file right now
+            logger.info("another process is converting %s into %s; waiting for it", source, target)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.isfile(os.path.join(target, SOURCE_FILE)):
             convert_gguf(source, target)
     return target
@@ -119,7 +123,14 @@ def convert_gguf(source: str, target: str, atol: float = 0.0) -> None:
 
     tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=os.path.dirname(target))
     try:
-        model.save_pretrained(tmp)
+        # Not model.save_pretrained: under torch.distributed it writes on rank 0 only, and any rank may
+        # be the one converting. save_model drops the tied copy (lm_head), as save_pretrained would.
+        from safetensors.torch import save_model
+
+        save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        if getattr(loaded, "generation_config", None) is not None:
+            loaded.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
         ids = torch.arange(1, 17).remainder(config.vocab_size).unsqueeze(0)

@@ -92,7 +92,11 @@ def test_gguf_file_is_converted_once_into_a_cached_hf_directory(tmp_path, monkey
     model_dir, cache = tmp_path / "models", tmp_path / "cache"
     model_dir.mkdir()
     original = write_tiny_llama_gguf(str(model_dir / "tiny.gguf"))
-    converted = pretrained.model_directory(str(model_dir), "tiny.gguf", str(cache))
+    # Converted by a rank other than 0 of a job (transformers' save_pretrained writes on rank 0 only).
+    with monkeypatch.context() as m:
+        m.setattr(torch.distributed, "is_initialized", lambda: True)
+        m.setattr(torch.distributed, "get_rank", lambda *a, **k: 1)
+        converted = pretrained.model_directory(str(model_dir), "tiny.gguf", str(cache))
     assert converted.startswith(str(cache)) and os.path.isfile(os.path.join(converted, "model.safetensors"))
     source = json.load(open(os.path.join(converted, pretrained.SOURCE_FILE)))
     assert source["logits_max_abs_diff"] == 0.0  # the saved copy against the GGUF-loaded model
