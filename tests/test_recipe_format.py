@@ -62,3 +62,20 @@ def test_trainer_launcher_takes_the_recipe_and_command_line_flags_win(tmp_path, 
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and sorted(adapter["target_modules"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+
+
+def test_data_fallback_when_the_training_data_is_missing(tmp_path):
+    """configs/smollm2_commonsense.yaml reads ../shared/data/commonsense where it exists and the embedded task
+    where it does not (a user's fresh clone)."""
+    from ist_ds.recipe import Recipe
+    from ist_ds.runner import train_data_source
+
+    missing = Recipe.from_dict({"data": {"train": str(tmp_path / "nope"), "fallback": "embedded"}})
+    assert train_data_source(missing) == "embedded"
+    present = Recipe.from_dict({"data": {"train": str(tmp_path), "fallback": "embedded"}})
+    assert train_data_source(present) == str(tmp_path)
+    assert train_data_source(Recipe.from_dict({"data": {"train": str(tmp_path / "nope")}})) == str(tmp_path / "nope")
+    shipped = Recipe.from_yaml(os.path.join(ROOT, "configs/smollm2_commonsense.yaml"))
+    assert shipped.model.gguf_file.endswith(".gguf") and shipped.data.fallback == "embedded"
+    assert shipped.training.eval_at_start and shipped.training.sample_answers == 1
+    assert shipped.backend.name == "deepspeed" and shipped.training.global_batch_size == 2 * shipped.training.micro_batch_size
