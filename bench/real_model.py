@@ -341,13 +341,15 @@ def main(argv=None) -> int:
                     continue
                 loss = [sum(r["eval"][t]["loss"] for t in tasks) / len(tasks) for r in rs]
                 acc = {t: [r["eval"][t]["accuracy"] for r in rs] for t in tasks}
-                mean_acc = [sum(r["eval"][t]["accuracy"] for t in tasks) / len(tasks) for r in rs]
+                scored = [t for t in tasks if all(r["eval"][t]["accuracy"] == r["eval"][t]["accuracy"] for r in rs)]
+                mean_acc = [sum(r["eval"][t]["accuracy"] for t in scored) / len(scored) for r in rs] if scored else []
                 n = args.compare_steps
-                train_loss = [sum(r["train_losses"][n - 10:n]) / len(r["train_losses"][n - 10:n]) for r in rs
+                train_loss = [sum(r["train_losses"][max(0, n - 10):n]) / len(r["train_losses"][max(0, n - 10):n]) for r in rs
                               if r.get("train_losses")]
                 rows.append([method, len(rs), mean_sd(train_loss) if train_loss else "-", mean_sd(loss),
                              *[mean_sd(acc[t]) for t in tasks], mean_sd(mean_acc)])
-            print(common.table(["method", "runs", "train loss (last 10)", "held-out loss", *tasks, "mean accuracy"],
+            print(common.table(["method", "runs", "train loss (last 10)", "held-out loss", *tasks,
+                                "mean accuracy (tasks with 2+ labels)"],
                                rows))
             print()
             keep = {r["seed"]: r for r in results if r["method"] == "ist-keep"}

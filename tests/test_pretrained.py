@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from distributed import run_ranks
 
 from ist_ds.errors import ISTConfigError, ISTModelError
 from ist_ds.recipe import Recipe
@@ -113,9 +114,8 @@ def test_gguf_file_is_converted_once_into_a_cached_hf_directory(tmp_path, monkey
     monkeypatch.setattr(pretrained, "convert_gguf", lambda *a, **k: pytest.fail("converted twice"))
     assert pretrained.model_directory(str(model_dir), "tiny.gguf", str(cache)) == converted
 
-    # The job runner: model.gguf_file in a recipe, the model's own tokenizer by default, 2 steps in one process.
-    from ist_ds.runner import run
-
+    # The job runner: model.gguf_file in a recipe, the model's own tokenizer by default, 2 steps on one
+    # forked rank (the job joins a process group: not in the test process).
     recipe = Recipe.from_dict({
         "model": {"path": str(model_dir), "gguf_file": "tiny.gguf", "cache_dir": str(cache)},
         "peft": {"target_modules": ["q_proj", "v_proj"]},
@@ -125,11 +125,17 @@ def test_gguf_file_is_converted_once_into_a_cached_hf_directory(tmp_path, monkey
         "backend": {"name": "single"},
         "ist": {"train_layers": 1, "num_suppression_sets": 2, "update_interval": 1, "scoring_batch_size": 4},
         "output_dir": str(tmp_path / "run")})
-    summary = run(recipe)
+    (summary,) = run_ranks(_job, 1, recipe)
     assert summary["steps"] == 2 and len(summary["scores"]) == 2
     assert {"eval_loss_before", "eval_accuracy_before", "eval_loss"} <= set(summary)
     assert isinstance(summary["sample_answers"][0]["answer"], str)
     assert (tmp_path / "run" / "tokenizer.json").exists()  # the GGUF's tokenizer, not the byte tokenizer
+
+
+def _job(rank, world, recipe):
+    from ist_ds.runner import run
+
+    return run(recipe)
 
 
 def test_model_path_errors(tmp_path):
