@@ -12,7 +12,9 @@ Without ``MASTER_ADDR``:
   rank 0's host), and so is a free port chosen by rank 0 when ``MASTER_PORT`` is unset too;
 * under SLURM, the first host of ``SLURM_STEP_NODELIST`` / ``SLURM_JOB_NODELIST`` (``scontrol show
   hostnames`` when available, else :func:`expand_nodelist`), and ``MASTER_PORT`` defaults to
-  ``15000 + SLURM_JOB_ID % 20000`` so that two jobs sharing a node do not collide.
+  ``10000 + SLURM_JOB_ID % 22768`` so that two jobs sharing a node do not collide, and below Linux's
+  default ephemeral port range (32768-60999), where the kernel could have handed the port to an
+  outgoing connection (``launch/slurm_train.sbatch`` reads the node's actual range).
 
 :func:`init_distributed` then joins the job with a bounded wait: a rank that cannot reach the master,
 or a master whose peers never arrive, fails after ``timeout_s`` with :class:`ISTLaunchError` naming
@@ -38,7 +40,7 @@ from ist_ds.errors import ISTError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MASTER_PORT = 29500
-SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 10000, 22768  # 10000..32767
 
 
 class ISTLaunchError(ISTError, RuntimeError):

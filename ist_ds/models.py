@@ -112,9 +112,44 @@ _CONFIG_AND_MODEL: dict[str, tuple[type, type]] = {
 }
 
 
-def _check_arch(arch: str) -> None:
-    if arch not in _CONFIG_AND_MODEL:
-        raise ISTConfigError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+def causal_lm_archs() -> list[str]:
+    """Every ``model_type`` transformers can build as a causal LM from a config (its ``AutoConfig`` names)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def check_arch(arch: str) -> None:
+    """Raise ``ISTConfigError`` unless transformers knows ``arch`` as a causal-LM architecture."""
+    if arch in _CONFIG_AND_MODEL:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if arch in causal_lm_archs():
+        return
+    if arch in CONFIG_MAPPING_NAMES:
+        raise ISTConfigError(f"arch {arch!r} is known to transformers but has no causal-LM head "
+                             "(AutoModelForCausalLM cannot build it)")
+    close = [a for a in causal_lm_archs() if a.startswith(arch[:3])][:8]
+    raise ISTConfigError(f"unknown arch {arch!r}: not a model_type of transformers' AutoConfig"
+                         + (f" (similar: {', '.join(close)})" if close else ""))
+
+
+
+def _generic_config(arch: str, overrides: dict[str, Any]):
+    """A small config of any other architecture: the tiny Llama sizes for the keys its config has."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(arch)
+    kwargs = {k: v for k, v in _LLAMA_LIKE_DEFAULTS.items() if hasattr(default, k)}
+    kwargs.update(overrides)
+    heads = kwargs.get("num_attention_heads")
+    if heads and "num_key_value_heads" in kwargs and "num_key_value_heads" not in overrides \
+            and heads % kwargs["num_key_value_heads"]:
+        kwargs["num_key_value_heads"] = heads
+    if getattr(default, "head_dim", None) is not None and "head_dim" not in overrides and heads:
+        kwargs["head_dim"] = kwargs.get("hidden_size", default.hidden_size) // heads  # not the big model's 128/256
+    return AutoConfig.for_model(arch, **kwargs)
 
 
 def build_model(arch: str, seed: int | None = None, **overrides: Any) -> transformers.PreTrainedModel:
@@ -126,8 +161,17 @@ def build_model(arch: str, seed: int | None = None, **overrides: Any) -> transfo
     ``n_head``, ``n_inner`` and ``n_positions``, and ``num_key_value_heads`` is ignored (GPT-2 has
     no grouped-query attention). ``seed`` seeds torch's global generator before initialisation so
     that equal seeds give bit-identical weights.
+
+    Any other causal-LM ``model_type`` transformers' ``AutoConfig`` knows (``gemma``, ``phi3``,
+    ``qwen3``, ...) is built through ``AutoModelForCausalLM.from_config``, with the tiny sizes above
+    for the keys its config has (and ``head_dim = hidden_size / heads``) unless ``overrides`` says.
     """
-    _check_arch(arch)
+    check_arch(arch)
+    if arch not in _CONFIG_AND_MODEL:  # any other architecture transformers knows
+        config = _generic_config(arch, overrides)
+        if seed is not None:
+            torch.manual_seed(seed)
+        return transformers.AutoModelForCausalLM.from_config(config)
     config_cls, model_cls = _CONFIG_AND_MODEL[arch]
     if arch == "gpt2":
         kwargs = dict(_GPT2_DEFAULTS)
@@ -189,11 +233,14 @@ def apply_peft(
     arch = _arch_of(model)
     if target_modules is None:
         table = DEFAULT_IA3_TARGET_MODULES if method == "ia3" else DEFAULT_TARGET_MODULES
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        if arch is None and set(table["llama"]) <= names:
+            arch = "llama"  # a Llama-shaped architecture (Gemma, Qwen3, OLMo, ...): the same projections
         if arch is None:
             model_type = getattr(getattr(model, "config", None), "model_type", None)
             raise ISTConfigError(
-                f"target_modules is required for a model that is not one of {', '.join(ARCHS)} "
-                f"(config.model_type={model_type!r})"
+                f"target_modules is required for a model that is not one of {', '.join(ARCHS)} and lacks "
+                f"{', '.join(table['llama'])} (config.model_type={model_type!r}); set peft.target_modules"
             )
         target_modules = list(table[arch])
     conv1d = _uses_conv1d(model)
@@ -234,5 +281,5 @@ def apply_peft(
 __all__ = [
     "ARCHS", "METHODS", "BOS_TOKEN_ID", "EOS_TOKEN_ID", "PAD_TOKEN_ID", "VOCAB_SIZE",
     "DEFAULT_TARGET_MODULES", "DEFAULT_IA3_TARGET_MODULES", "DEFAULT_IA3_FEEDFORWARD_MODULES",
-    "build_model", "apply_peft",
+    "build_model", "apply_peft", "causal_lm_archs", "check_arch",
 ]

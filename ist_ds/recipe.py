@@ -26,8 +26,10 @@ from ist_ds.errors import ISTConfigError
 
 @dataclass(frozen=True)
 class ModelSection:
-    arch: str = "llama"                 # from-scratch architecture (ignored when path is set)
-    path: str | None = None             # a local Hugging Face model directory
+    arch: str = "llama"                 # from-scratch architecture: any causal-LM model_type of transformers' AutoConfig
+    path: str | None = None             # a local Hugging Face model directory (or the directory holding gguf_file)
+    gguf_file: str | None = None        # a GGUF file in `path` (or a file path), converted once into a cached HF directory
+    cache_dir: str | None = None        # where GGUF conversions are cached (default $IST_DS_CACHE or ~/.cache/ist_ds)
     config: dict = field(default_factory=dict)  # overrides of the architecture's config
     dtype: str = "float32"              # float32 | bfloat16
     gradient_checkpointing: bool = False
@@ -46,9 +48,10 @@ class PeftSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    train: str = "embedded"             # "embedded", an LLM-Adapters JSON file, or a task directory
+    train: str = "embedded"             # "embedded", an LLM-Adapters JSON file, a task directory, or a directory of tasks
+    fallback: str | None = None         # used instead of `train` (with a warning) when `train` does not exist
     test: str | None = None
-    tokenizer: str | None = None        # None/"byte": byte tokenizer; else a local HF tokenizer dir
+    tokenizer: str | None = None        # None: the pretrained model's own, else the byte tokenizer; "byte"; or a local HF dir
     cutoff_len: int = 256
     train_on_inputs: bool = True
     num_train: int = 2000               # embedded task only
@@ -70,6 +73,8 @@ class TrainingSection:
     seed: int = 42
     log_every: int = 10
     eval_every: int = 0                 # 0: evaluate at the end only
+    eval_at_start: bool = False         # also evaluate before the first step (a before/after comparison)
+    sample_answers: int = 0             # at the end, log the model's greedy answer to this many held-out prompts
     save_every: int = 0                 # 0: no checkpoints; else every N steps and at the end
     stop_after_steps: int = 0           # stop (with a checkpoint) after this step, e.g. to fit a scheduler slot
     progress: bool = True               # a progress bar on rank 0 when stdout is a terminal
@@ -82,6 +87,7 @@ class BackendSection:
     deepspeed_config: Any = None        # a DeepSpeed JSON path or mapping; missing keys filled from `training`
     zero_stage: int = 2
     offload_optimizer: bool = False     # ZeRO-Offload of the optimizer to the host (DeepSpeedCPUAdam)
+    reshard_after_forward: bool | None = None  # FSDP2 only: free gathered blocks after forward (default true)
     dist_timeout_s: int = 600           # collective timeout: a dead or unreachable rank fails the job after this
 
 
@@ -97,7 +103,7 @@ POSITIVE = {("peft", "r"), ("peft", "alpha"), ("data", "cutoff_len"), ("data", "
             ("training", "epochs"), ("training", "micro_batch_size"), ("training", "global_batch_size"),
             ("training", "log_every"), ("backend", "dist_timeout_s")}
 NON_NEGATIVE = {("data", "num_test"), ("data", "max_eval_examples"), ("training", "max_steps"),
-                ("training", "warmup_steps"), ("training", "eval_every"), ("training", "save_every"), ("training", "stop_after_steps"),
+                ("training", "warmup_steps"), ("training", "eval_every"), ("training", "sample_answers"), ("training", "save_every"), ("training", "stop_after_steps"),
                 ("training", "weight_decay"), ("training", "seed"), ("model", "seed"), ("data", "seed")}
 
 
@@ -248,5 +254,24 @@ def _cross_checks(r: Recipe) -> None:
         raise ISTConfigError("backend.deepspeed_config must be a JSON path or a mapping")
     if r.backend.offload_optimizer and r.backend.name != "deepspeed":
         raise ISTConfigError("backend.offload_optimizer is a DeepSpeed (ZeRO-Offload) option")
-    if r.model.path is None and r.model.arch not in ("llama", "qwen2", "mistral", "gpt2"):
-        raise ISTConfigError(f"model.arch must be one of llama, qwen2, mistral, gpt2 (or set model.path), got {r.model.arch!r}")
+    if r.backend.reshard_after_forward is not None and r.backend.name != "fsdp":
+        raise ISTConfigError("backend.reshard_after_forward is an FSDP2 option; set backend.name: fsdp or remove it")
+    _model_checks(r.model)
+
+
+def _model_checks(m: ModelSection) -> None:
+    """What can be told about the model before anything is loaded (the files are checked when it is)."""
+    if m.gguf_file is not None and not m.gguf_file.endswith(".gguf"):
+        raise ISTConfigError(f"model.gguf_file must name a .gguf file, got {m.gguf_file!r}")
+    if m.path is None and m.gguf_file is None:
+        from ist_ds.models import check_arch
+
+        check_arch(m.arch)  # any causal-LM model_type transformers' AutoConfig knows
+    elif m.config:
+        raise ISTConfigError("model.config overrides a from-scratch architecture; with model.path or "
+                             "model.gguf_file the model's own config is used")
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = m.config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ISTConfigError(f"model.config.{key} must be a positive number of transformer layers "
+                                 f"(IST selects among them), got {value!r}")

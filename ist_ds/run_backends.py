@@ -218,6 +218,7 @@ class FSDPRun:
         schedule = warmup_decay(total_steps, t.warmup_steps)
         self.fsdp = setup(model, recipe.ist, lr=t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
                           mixed_precision=mixed, activation_checkpointing=recipe.model.gradient_checkpointing,
+                          reshard_after_forward=recipe.backend.reshard_after_forward is not False,
                           scoring_data=train_dataset, collate_fn=collate,
                           lr_scheduler_factory=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.model = self.fsdp.model

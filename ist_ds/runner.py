@@ -55,18 +55,50 @@ def _init_distributed(recipe: Recipe) -> tuple[int, int]:
     return rank, world
 
 
-def _build_model(recipe: Recipe, tokenizer):
+def model_directory(recipe: Recipe) -> str | None:
+    """The local Hugging Face directory of a pretrained model (a GGUF file converted once), None when
+    the recipe builds one from scratch (see ist_ds/pretrained.py)."""
+    m = recipe.model
+    if m.path is None and m.gguf_file is None:
+        return None
+    from ist_ds.pretrained import model_directory as resolve
+
+    return resolve(m.path, m.gguf_file, m.cache_dir)
+
+
+def tokenizer_source(recipe: Recipe, model_dir: str | None) -> str | None:
+    """``data.tokenizer``, or by default the pretrained model's own tokenizer (else the byte tokenizer)."""
+    if recipe.data.tokenizer is not None or model_dir is None:
+        return recipe.data.tokenizer
+    from ist_ds.pretrained import has_tokenizer
+
+    return model_dir if has_tokenizer(model_dir) else None
+
+
+def train_data_source(recipe: Recipe) -> str:
+    """``data.train``, or ``data.fallback`` when ``data.train`` names a path that does not exist."""
+    d = recipe.data
+    if d.fallback is not None and d.train != "embedded" and not os.path.exists(d.train):
+        logger.warning("data.train %s does not exist; using data.fallback %s", d.train, d.fallback)
+        return d.fallback
+    return d.train
+
+
+def build_recipe_model(recipe: Recipe, tokenizer, model_dir: str | None = None):
+    """The recipe's model with its PEFT adapters (none with ``ist.target: full``)."""
     from ist_ds.models import apply_peft, build_model
 
     m, p = recipe.model, recipe.peft
     # FSDP2 keeps fp32 parameters and computes in bf16 through its MixedPrecisionPolicy.
     dtype = torch.bfloat16 if m.dtype == "bfloat16" and recipe.backend.name != "fsdp" else torch.float32
-    if m.path:
+    if model_dir is None and (m.path or m.gguf_file):
+        model_dir = model_directory(recipe)
+    if model_dir is not None:
         from transformers import AutoModelForCausalLM
 
-        if not os.path.isdir(m.path):
-            raise ISTConfigError(f"model.path {m.path!r} is not a local directory (nothing is downloaded)")
-        model = AutoModelForCausalLM.from_pretrained(m.path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        if getattr(tokenizer, "pad_token_id", None) is not None and model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
     else:
         overrides = dict(m.config)
         overrides.setdefault("vocab_size", len(tokenizer))
@@ -136,8 +168,9 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int, allow_fresh_start:
     seed_rank(t.seed, rank)
     on_cpu = not torch.cuda.is_available()
 
-    tokenizer = load_tokenizer(recipe.data.tokenizer)
-    task = load_task(recipe.data.train, test_path=recipe.data.test, num_train=recipe.data.num_train,
+    model_dir = model_directory(recipe)  # converts a GGUF file once (every rank waits for the first)
+    tokenizer = load_tokenizer(tokenizer_source(recipe, model_dir))
+    task = load_task(train_data_source(recipe), test_path=recipe.data.test, num_train=recipe.data.num_train,
                      num_test=recipe.data.num_test, seed=recipe.data.seed)
     train_ds = InstructionDataset(task.train, tokenizer, cutoff_len=recipe.data.cutoff_len,
                                   train_on_inputs=recipe.data.train_on_inputs)
@@ -159,7 +192,7 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int, allow_fresh_start:
                              f"({t.global_batch_size})")
     total_steps = t.max_steps or t.epochs * steps_per_epoch
 
-    model = _build_model(recipe, tokenizer)
+    model = build_recipe_model(recipe, tokenizer, model_dir)
     logger.info("job: %s backend, %d rank(s), %d steps (%d per epoch), global batch %d = %d x %d x %d",
                 recipe.backend.name, world, total_steps, steps_per_epoch, t.global_batch_size, micro, world, grad_acc)
     if recipe.backend.name == "deepspeed":
@@ -189,6 +222,12 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int, allow_fresh_start:
     stream = _global_batches(train_ds, sampler, collate, micro, grad_acc, steps_per_epoch, start_step)
     monitor = build_monitor(recipe, backend, rank)  # TensorBoard on rank 0 (docs/monitoring.md)
     monitor.log_ist(start_step, backend.ist)
+    before = {}
+    if test_ds is not None and t.eval_at_start and start_step == 0:
+        before = _evaluate(backend, test_ds, test_records, tokenizer, collate, comm, recipe, world, rank)
+        logger.info("before training: held-out loss %.4f, multiple-choice accuracy %.3f", before["loss"],
+                    before["accuracy"])
+        monitor.log(0, {"eval/loss": before["loss"], "eval/accuracy": before["accuracy"]})
     bar = Progress(stop_at, "train", "step", enabled=t.progress and rank == 0, initial=start_step)
     losses = _loss_history(recipe.output_dir, start_step, rank)  # the steps before a resume, too
     window, tokens, t0 = [], 0, time.perf_counter()
@@ -238,17 +277,19 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int, allow_fresh_start:
 
     summary = {"steps": total_steps, "world_size": world, "backend": recipe.backend.name,
                "final_train_loss": losses[-1][1] if losses else None, "train_losses": losses}
+    if before:
+        summary["eval_loss_before"], summary["eval_accuracy_before"] = before["loss"], before["accuracy"]
     if test_ds is not None:
-        from ist_ds.evaluation import choice_accuracy, evaluate_loss
-
-        bar = Progress(eval_forward_count(len(test_ds), len(test_records), micro, world), "eval", "forward",
-                       enabled=t.progress and rank == 0, total_is_bound=True)
-        forward = bar.wrap(default_forward)
-        summary["eval_loss"] = evaluate_loss(backend.model, test_ds, collate, micro, backend.device, comm, forward)
-        summary["eval_accuracy"] = choice_accuracy(backend.model, test_records, tokenizer, backend.device, comm,
-                                                   forward, cutoff_len=recipe.data.cutoff_len)
-        bar.close()
+        after = _evaluate(backend, test_ds, test_records, tokenizer, collate, comm, recipe, world, rank)
+        summary["eval_loss"], summary["eval_accuracy"] = after["loss"], after["accuracy"]
         monitor.log(total_steps, {"eval/loss": summary["eval_loss"], "eval/accuracy": summary["eval_accuracy"]})
+    if test_records and t.sample_answers:
+        from ist_ds.evaluation import greedy_answer
+
+        summary["sample_answers"] = [
+            {"instruction": r["instruction"], "input": r.get("input", ""), "expected": r["output"],
+             "answer": greedy_answer(backend.model, r, tokenizer, backend.device, default_forward)}
+            for r in test_records[:t.sample_answers]]
     monitor.close()
     if backend.ist is not None:
         summary["scores"] = backend.ist.scores.tolist()
@@ -261,6 +302,21 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int, allow_fresh_start:
         _write_outputs(recipe, backend, tokenizer, weights, summary)
         _log_summary(summary)
     return summary
+
+
+def _evaluate(backend, test_ds, test_records, tokenizer, collate, comm, recipe: Recipe, world: int, rank: int) -> dict:
+    """Held-out loss and multiple-choice accuracy (collectives: every rank calls this)."""
+    from ist_ds.evaluation import choice_accuracy, evaluate_loss
+
+    micro, t = recipe.training.micro_batch_size, recipe.training
+    bar = Progress(eval_forward_count(len(test_ds), len(test_records), micro, world), "eval", "forward",
+                   enabled=t.progress and rank == 0, total_is_bound=True)
+    forward = bar.wrap(default_forward)
+    loss = evaluate_loss(backend.model, test_ds, collate, micro, backend.device, comm, forward)
+    accuracy = choice_accuracy(backend.model, test_records, tokenizer, backend.device, comm, forward,
+                               cutoff_len=recipe.data.cutoff_len)
+    bar.close()
+    return {"loss": loss, "accuracy": accuracy}
 
 
 def _global_batches(dataset, sampler, collate, micro: int, grad_acc: int, steps_per_epoch: int, start_step: int):
@@ -339,8 +395,16 @@ def _write_outputs(recipe: Recipe, backend, tokenizer, weights: dict, summary: d
 def _log_summary(summary: dict) -> None:
     logger.info("done: %d steps on %d rank(s), final train loss %.4f", summary["steps"], summary["world_size"],
                 summary["final_train_loss"] or math.nan)
-    if "eval_loss" in summary:
+    if "eval_loss_before" in summary:
+        logger.info("held-out loss %.4f -> %.4f, multiple-choice accuracy %.3f -> %.3f (before -> after training)",
+                    summary["eval_loss_before"], summary["eval_loss"], summary["eval_accuracy_before"],
+                    summary["eval_accuracy"])
+    elif "eval_loss" in summary:
         logger.info("held-out loss %.4f, multiple-choice accuracy %.3f", summary["eval_loss"], summary["eval_accuracy"])
+    for sample in summary.get("sample_answers", []):
+        logger.info("held-out prompt: %s%s", sample["instruction"], f" | {sample['input']}" if sample["input"] else "")
+        logger.info("  expected: %s", sample["expected"])
+        logger.info("  answer:   %s", sample["answer"])
     if "scores" in summary:
         counts, importance = summary["selection_counts"], summary["importance"]
         total = sum(counts) or 1

@@ -1,162 +1,143 @@
 #!/usr/bin/env python
-"""Fine-tune with Hugging Face ``Trainer`` + PEFT LoRA + IST: the Trainer way of running ist_ds.
+"""Fine-tune with Hugging Face ``Trainer`` + PEFT + IST from the same recipe as ``launch/train.py``.
 
-Every ``TrainingArguments`` flag works (``--deepspeed``, ``--gradient_accumulation_steps``,
-``--save_steps``, ``--resume_from_checkpoint``, ``--report_to tensorboard``, ``--eval_strategy``,
-``--load_best_model_at_end``, ...). The IST settings are the ``ist`` block of the DeepSpeed config,
-or ``--ist_config '<json>'`` (a JSON object or a JSON file) without DeepSpeed.
+The recipe (``--config``, ``--set section.key=value``; docs/config.md) gives the model (a local
+directory, a GGUF file, or a from-scratch architecture), the PEFT method, the data and the ``ist``
+block, built by the same code as the job runner's. Where the recipe's ``training`` section and
+``TrainingArguments`` overlap, the recipe gives the defaults (``lr`` -> ``--learning_rate``,
+``micro_batch_size`` -> ``--per_device_train_batch_size``, ``global_batch_size`` -> gradient
+accumulation over the ranks, ``max_steps``, ``epochs``, ``weight_decay``, ``warmup_steps``,
+``max_grad_norm``, ``seed``, ``log_every``, ``save_every``; ``output_dir``; ``model.dtype: bfloat16``
+-> ``--bf16``; ``backend.deepspeed_config`` (a path) -> ``--deepspeed``) and every
+``TrainingArguments`` flag given on the command line wins (``--deepspeed``, ``--save_steps``,
+``--resume_from_checkpoint``, ``--report_to tensorboard``, ``--eval_strategy``, ...).
 
-    # 2 ranks, ZeRO-2, tiny Llama and the embedded task (CPU: export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1)
-    deepspeed --num_gpus 2 launch/hf_trainer_train.py --deepspeed configs/hf_trainer_zero2.json \\
-        --output_dir runs/hf_tiny --max_steps 60 --logging_steps 10 --save_steps 30
+    # 2 ranks, ZeRO-2, the embedded quick start (CPU: export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1)
+    deepspeed --num_gpus 2 launch/hf_trainer_train.py --config configs/quickstart.yaml \\
+        --deepspeed configs/hf_trainer_zero2.json --output_dir runs/hf_tiny --max_steps 60 --save_steps 30
 
-    # a local model and an LLM-Adapters dataset, the reference recipe (lr 2e-4, LoRA r=32/alpha=64 on
-    # q,k,v,up,down, batch 16, 3 epochs, cutoff 256)
-    deepspeed --num_gpus 8 launch/hf_trainer_train.py --deepspeed configs/hf_trainer_zero3.json \\
-        --model_name_or_path /models/llama-7b --data /data/commonsense_170k.json \\
-        --output_dir runs/llama7b_ist --num_train_epochs 3 --per_device_train_batch_size 2 \\
-        --gradient_accumulation_steps 1 --bf16 --save_steps 1000 --report_to tensorboard
+    # the paper's setting from its recipe, under Trainer
+    deepspeed --num_gpus 8 launch/hf_trainer_train.py --config configs/paper_llama7b_lora.yaml \\
+        --set model.path=/models/llama-7b --set data.train=/data/commonsense_170k.json \\
+        --deepspeed configs/hf_trainer_zero3.json --output_dir runs/llama7b_ist --report_to tensorboard
 
-See docs/hf_trainer.md.
+The held-out split is the recipe's test data (``data.test``, or the train file's sibling; at most
+``data.max_eval_examples`` records): Trainer evaluates it at the end, and during training with
+``--eval_strategy steps``. See docs/hf_trainer.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 
 logger = logging.getLogger("hf_trainer_train")
 
 
-@dataclass
-class ScriptArguments:
-    """What to fine-tune, on what, and the IST settings when there is no DeepSpeed config."""
+def read_recipe(argv: list[str]):
+    """(Recipe, the remaining arguments): ``--config`` and ``--set`` are the job runner's options."""
+    from ist_ds.recipe import Recipe
 
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A local Hugging Face causal-LM directory; none: a tiny random Llama "
-                                        "built by ist_ds.models (with the byte tokenizer)"})
-    tiny_arch: str = field(default="llama", metadata={"help": "Architecture of the tiny model (llama, qwen2, "
-                                                              "mistral, gpt2)"})
-    tiny_layers: int = field(default=8, metadata={"help": "Transformer blocks of the tiny model"})
-    tiny_hidden: int = field(default=64, metadata={"help": "Hidden size of the tiny model"})
-    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer directory; default: the model's, "
-                                                                  "or the byte tokenizer for the tiny model"})
-    data: str = field(default="embedded", metadata={"help": "'embedded' (the built-in task), or an LLM-Adapters "
-                                                           "JSON file or task directory"})
-    num_train: int = field(default=2000, metadata={"help": "Examples of the embedded task"})
-    val_set_size: int = field(default=0, metadata={"help": "Training examples held out for evaluation"})
-    cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per example"})
-    train_on_inputs: bool = field(default=True, metadata={"help": "Also learn the prompt tokens"})
-    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 32, tiny model 8)"})
-    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 64, tiny model 16)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (tiny model: 0)"})
-    lora_target_modules: str = field(default="q_proj,k_proj,v_proj,up_proj,down_proj",
-                                     metadata={"help": "Comma-separated module names LoRA adapts"})
-    ist_config: str | None = field(
-        default=None, metadata={"help": "IST settings as a JSON object or JSON file; default: the DeepSpeed "
-                                        "config's 'ist' block, or the reference defaults without DeepSpeed"})
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    known, rest = parser.parse_known_args(argv)
+    recipe = Recipe.from_yaml(known.config) if known.config else Recipe()
+    if known.overrides:
+        recipe = recipe.with_overrides(known.overrides)
+    return recipe, rest
+
+
+def training_defaults(recipe, world_size: int) -> dict:
+    """``TrainingArguments`` defaults taken from the recipe where the two overlap."""
+    from ist_ds.errors import ISTConfigError
+
+    t = recipe.training
+    if t.global_batch_size % (t.micro_batch_size * world_size):
+        raise ISTConfigError(f"training.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size="
+                             f"{t.micro_batch_size} x world size {world_size}")
+    defaults = {
+        "output_dir": recipe.output_dir, "learning_rate": t.lr, "per_device_train_batch_size": t.micro_batch_size,
+        "per_device_eval_batch_size": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world_size),
+        "num_train_epochs": t.epochs, "max_steps": t.max_steps or -1, "weight_decay": t.weight_decay,
+        "warmup_steps": t.warmup_steps, "max_grad_norm": t.max_grad_norm or 0.0, "seed": t.seed,
+        "logging_steps": t.log_every, "save_strategy": "steps" if t.save_every else "no",
+        "save_steps": t.save_every or 500, "bf16": recipe.model.dtype == "bfloat16",
+        "gradient_checkpointing": recipe.model.gradient_checkpointing, "lr_scheduler_type": "linear",
+    }
+    if isinstance(recipe.backend.deepspeed_config, str):
+        defaults["deepspeed"] = recipe.backend.deepspeed_config
+    return defaults
 
 
 def parse_args(argv: list[str]):
-    """(ScriptArguments, TrainingArguments); on DeepSpeed's CPU accelerator, with every rank counted."""
+    """(Recipe, TrainingArguments); on DeepSpeed's CPU accelerator, with every rank counted."""
     from transformers import HfArgumentParser, TrainingArguments
 
     from ist_ds.integrations import init_cpu_deepspeed
 
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
-    parser.set_defaults(learning_rate=2e-4, per_device_train_batch_size=4, num_train_epochs=3, logging_steps=10,
-                        save_strategy="steps", save_steps=500, warmup_steps=100, seed=42)
-    namespace, remaining = parser.parse_known_args(argv)
+    recipe, rest = read_recipe(argv)
+    parser = HfArgumentParser(TrainingArguments)
+    parser.set_defaults(**training_defaults(recipe, int(os.environ.get("WORLD_SIZE", "1"))))
+    namespace, remaining = parser.parse_known_args(rest)
     if remaining:
         parser.error(f"unrecognised arguments: {' '.join(remaining)}")
     values = vars(namespace)
-    script = ScriptArguments(**{f.name: values.pop(f.name) for f in dataclasses.fields(ScriptArguments)})
     if values.get("deepspeed") and not values.get("accelerator_config"):
         # accelerate cannot count the ranks of a DeepSpeed job on the CPU accelerator by itself
         values["accelerator_config"] = init_cpu_deepspeed() or None
     training = TrainingArguments(**{k: v for k, v in values.items()
                                     if k in {f.name for f in dataclasses.fields(TrainingArguments) if f.init}})
-    return script, training
+    return recipe, training
 
 
-def build_model_and_tokenizer(script: ScriptArguments):
-    from peft import LoraConfig, get_peft_model
+def build(recipe):
+    """Model (with adapters), tokenizer, train and held-out datasets and collator, as the job runner builds them."""
+    from ist_ds.data import InstructionDataset, PadCollator, load_task, load_tokenizer
+    from ist_ds.runner import build_recipe_model, model_directory, tokenizer_source, train_data_source
 
-    from ist_ds.data import load_tokenizer
-
-    targets = [m.strip() for m in script.lora_target_modules.split(",") if m.strip()]
-    if script.model_name_or_path is None:
-        from ist_ds.models import apply_peft, build_model
-
-        model = build_model(script.tiny_arch, seed=0, num_hidden_layers=script.tiny_layers,
-                            hidden_size=script.tiny_hidden, intermediate_size=2 * script.tiny_hidden,
-                            max_position_embeddings=max(512, script.cutoff_len))
-        tokenizer = load_tokenizer(script.tokenizer or "byte")
-        model = apply_peft(model, "lora", r=script.lora_r or 8, alpha=script.lora_alpha or 16, dropout=0.0,
-                           target_modules=None if script.tiny_arch == "gpt2" else targets)
-        return model, tokenizer
-
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(script.tokenizer or script.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path, dtype="auto")
-    model.config.pad_token_id = tokenizer.pad_token_id
-    lora = LoraConfig(r=script.lora_r or 32, lora_alpha=script.lora_alpha or 64, lora_dropout=script.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora), tokenizer
-
-
-def build_data(script: ScriptArguments, tokenizer, seed: int):
-    import random
-
-    from ist_ds.data import InstructionDataset, PadCollator, load_task
-
-    task = load_task(script.data, num_train=script.num_train, seed=seed)
-    records = list(task.train)
-    eval_records = []
-    if script.val_set_size > 0:
-        random.Random(seed).shuffle(records)
-        eval_records, records = records[:script.val_set_size], records[script.val_set_size:]
-    make = lambda rs: InstructionDataset(rs, tokenizer, cutoff_len=script.cutoff_len,  # noqa: E731
-                                         train_on_inputs=script.train_on_inputs)
-    train = make(records)
-    evaluation = make(eval_records) if eval_records else None
-    return train, evaluation, PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
-
-
-def read_ist_option(value: str | None):
-    if value is None:
-        return None
-    if os.path.isfile(value):
-        with open(value) as f:
-            return json.load(f)
-    return json.loads(value)
+    d = recipe.data
+    model_dir = model_directory(recipe)
+    tokenizer = load_tokenizer(tokenizer_source(recipe, model_dir))
+    task = load_task(train_data_source(recipe), test_path=d.test, num_train=d.num_train, num_test=d.num_test,
+                     seed=d.seed)
+    make = lambda rs: InstructionDataset(rs, tokenizer, cutoff_len=d.cutoff_len,  # noqa: E731
+                                         train_on_inputs=d.train_on_inputs)
+    test = task.test[:d.max_eval_examples]
+    model = build_recipe_model(recipe, tokenizer, model_dir)
+    return model, tokenizer, make(task.train), make(test) if test else None, PadCollator(tokenizer.pad_token_id,
+                                                                                           pad_to_multiple_of=8)
 
 
 def main(argv: list[str] | None = None) -> int:
-    script, training = parse_args(sys.argv[1:] if argv is None else argv)
+    from ist_ds.errors import ISTError
+
+    try:
+        recipe, training = parse_args(sys.argv[1:] if argv is None else argv)
+    except ISTError as e:
+        print(f"hf_trainer_train: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if training.should_log else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from transformers import set_seed
 
+    from ist_ds.core import ISTConfig
     from ist_ds.integrations import ISTTrainer
 
     set_seed(training.seed)
-    model, tokenizer = build_model_and_tokenizer(script)
-    train, evaluation, collator = build_data(script, tokenizer, training.seed)
-    ist_config = read_ist_option(script.ist_config)
-    if ist_config is None and not training.deepspeed:
-        ist_config = {}  # the reference defaults
+    model, tokenizer, train, evaluation, collator = build(recipe)
+    # The recipe's ist block, unless it is the default and the DeepSpeed config carries one (given twice,
+    # they must agree: ISTTrainer checks).
+    ist_config = recipe.ist.to_dict() if recipe.ist != ISTConfig() or not training.deepspeed else None
     trainer = ISTTrainer(model=model, args=training, train_dataset=train, eval_dataset=evaluation,
                          data_collator=collator, ist_config=ist_config)
     if not trainer.ist_config.enabled:
-        logger.warning("IST is off (no 'ist' block in the DeepSpeed config and no --ist_config)")
-    resume = training.resume_from_checkpoint
-    result = trainer.train(resume_from_checkpoint=resume)
+        logger.warning("IST is off (ist.enabled: false)")
+    result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     trainer.save_model()
     if trainer.ist is not None and trainer.is_world_process_zero():
         logger.info("final IST scores %s, selection counts %s", [f"{s:.3g}" for s in trainer.ist.scores.tolist()],

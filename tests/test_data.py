@@ -341,3 +341,36 @@ def test_real_commonsense_task() -> None:
         kept = item["labels"][item["labels"] != IGNORE_INDEX]
         if len(item["input_ids"]) < 256:  # not truncated: the answer is the supervised part
             assert tok.decode(kept) == task.train[i]["output"]
+
+
+def test_directory_of_tasks_is_a_balanced_mix_scored_per_task(tmp_path: Path) -> None:
+    """A directory of task directories: records tagged with their task, tasks interleaved (any prefix is
+    balanced), num_train applied to the mix, and multiple-choice accuracy scoring each record only against
+    its own task's labels."""
+    from ist_ds.collectives import LocalCollectives
+    from ist_ds.evaluation import choice_accuracy, labels_by_task
+    from ist_ds.models import build_model
+
+    def records(labels, n):
+        return [{"instruction": f"q{i}", "input": "", "output": f"the correct answer is {labels[i % len(labels)]}",
+                 "answer": labels[i % len(labels)]} for i in range(n)]
+
+    for name, labels, n in (("boolq", ["true", "false"], 6), ("arc", ["answer1", "answer2", "answer3"], 9)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.json").write_text(json.dumps(records(labels, n)))
+        (tmp_path / name / "test.json").write_text(json.dumps(records(labels, n)))
+    task = load_task(tmp_path, num_train=8, seed=3)
+    assert [r["task"] for r in task.train] == ["arc", "boolq"] * 4
+    assert len(task.test) == 15 and [r["task"] for r in task.test[:4]] == ["arc", "boolq"] * 2
+    assert load_task(tmp_path, num_train=8, seed=3).train == task.train  # seeded
+    assert labels_by_task(task.test) == {"arc": ["answer1", "answer2", "answer3"], "boolq": ["false", "true"]}
+
+    rows = []
+
+    def forward(model, batch):
+        rows.append(batch["input_ids"].shape[0])  # one row per candidate label
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    acc = choice_accuracy(build_model("llama", seed=0), task.test, ByteTokenizer(), "cpu", LocalCollectives(),
+                          forward)
+    assert 0.0 <= acc <= 1.0 and rows[:4] == [3, 2, 3, 2] and sorted(rows) == [2] * 6 + [3] * 9

@@ -178,7 +178,11 @@ def test_discover_slurm():
     env = discover({"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_NODEID": "1",
                     "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_NODELIST": "gpu-a[3-4]", "SLURM_JOB_ID": "123456"})
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("13", "16", "5", "8")
-    assert env["MASTER_ADDR"] == "gpu-a3" and env["MASTER_PORT"] == str(15000 + 123456 % 20000)
+    assert env["MASTER_ADDR"] == "gpu-a3" and env["MASTER_PORT"] == str(10000 + 123456 % 22768)
+    # The default port stays below Linux's default ephemeral range (32768-60999) for every job id.
+    ports = {int(discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "a1",
+                           "SLURM_JOB_ID": str(j)})["MASTER_PORT"]) for j in range(0, 10 ** 6, 997)}
+    assert min(ports) >= 10000 and max(ports) < 32768 and len(ports) > 900
     assert env["NODE_RANK"] == "1"
     # srun's step variables win over the allocation's; explicit MASTER_ADDR/PORT win over both.
     env = discover({"SLURM_PROCID": "1", "SLURM_NTASKS": "64", "SLURM_STEP_NUM_TASKS": "2",
@@ -332,7 +336,8 @@ def test_deepspeed_openmpi_launcher_command():
 
 # ------------------------------------------------------------------------------------ shipped configs
 # configs/*.yaml read by something other than the job runner's Recipe: file name -> (script, reader).
-OTHER_YAML_READERS = {"fsdp_ist.yaml": ("launch/fsdp_train.py", "load_config")}
+# None any more: every recipe, FSDP2's included, is a Recipe (one format for every backend).
+OTHER_YAML_READERS: dict = {}
 DS_CONFIGS = [f"configs/ds_zero{s}.json" for s in range(4)] + ["configs/ds_zero2_offload.json",
                                                                "configs/ds_zero3_offload.json"]
 
@@ -378,6 +383,9 @@ def test_every_shipped_config_loads():
         assert filled["ist"] == raw["ist"]
         ds = DeepSpeedConfig({k: v for k, v in filled.items() if k != "ist"})
         assert ds.zero_optimization_stage == stage and ds.train_batch_size == 16
+    fsdp = Recipe.from_yaml(os.path.join(ROOT, "configs/fsdp_ist.yaml"))
+    assert fsdp.backend.name == "fsdp" and fsdp.backend.reshard_after_forward is True
+    assert fsdp.model.config["num_hidden_layers"] == 8 and fsdp.ist.optimizer_state == "drop"
     # The paper's setting, as stated in the recipes.
     for method in ("lora", "dora"):
         r = Recipe.from_yaml(os.path.join(ROOT, f"configs/paper_llama7b_{method}.yaml"))
@@ -389,6 +397,20 @@ def test_every_shipped_config_loads():
         assert r.ist == ISTConfig()  # the paper's defaults
         filled = deepspeed_config(r, world_size=16, total_steps=100, on_cpu=False)
         assert filled["bf16"] == {"enabled": True} and filled["gradient_accumulation_steps"] == 1
+
+
+def test_readme_own_loop_config_builds_no_jit_op():
+    """The README's own-loop DeepSpeed config must not send a CPU user into a minutes-long JIT build of
+    fused_adam: its AdamW says torch_adam (or the README would have to pre-build the op)."""
+    import ast
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"ds_config = (\{.*?\n\})", readme, re.S)
+    assert block, "the README's own-loop example lost its ds_config"
+    config = ast.literal_eval(block.group(1))
+    optimizer = config["optimizer"]
+    assert optimizer["type"].lower() in ("adam", "adamw") and optimizer["params"].get("torch_adam") is True
+    assert "ist" in config
 
 
 def _train_shipped_ds_configs(rank, world, paths, ext_dir):
@@ -505,16 +527,24 @@ def test_torchrun_two_nodes(deepspeed_ops, tmp_path):
 
 
 FAKE_SRUN = """#!{python}
-# srun stand-in: start SLURM_NTASKS tasks of the program on this machine with the variables srun sets.
-import os, subprocess, sys, time
+# srun stand-in: record the command line, then start --nodes x --ntasks-per-node tasks of the program on
+# this machine with the variables srun sets.
+import json, os, subprocess, sys, time
 args = sys.argv[1:]
+opts = {{}}
 while args and args[0].startswith("-"):
-    args.pop(0)
-n = int(os.environ["SLURM_NTASKS"])
+    key, _, value = args.pop(0).partition("=")
+    opts[key] = value
+with open(os.environ["FAKE_SRUN_RECORD"], "w") as f:
+    json.dump({{"opts": opts, "program": args, "cwd": os.getcwd(), "MASTER_PORT": os.environ.get("MASTER_PORT"),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}}, f)
+per = int(opts["--ntasks-per-node"])
+n = int(opts["--nodes"]) * per
 procs = [subprocess.Popen(args, env=dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NODEID="0",
                                          SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS=str(n), SLURM_STEP_NUM_NODES="1",
+                                         SLURM_NTASKS=str(n), SLURM_TASKS_PER_NODE=str(per),
                                          SLURM_STEP_NODELIST=os.environ["SLURM_JOB_NODELIST"],
-                                         SLURM_STEP_TASKS_PER_NODE=str(n)))
+                                         SLURM_STEP_TASKS_PER_NODE=str(per)))
          for i in range(n)]
 rc = 0
 while procs:
@@ -530,32 +560,60 @@ sys.exit(rc)
 """
 
 
+def _bindable_port(low: int, high: int) -> int:
+    """A port in [low, high) that nothing listens on right now."""
+    import random
+    import socket
+
+    for port in random.Random().sample(range(low, high), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    pytest.skip(f"no free port in [{low}, {high})")
+
+
 def test_slurm_sbatch_under_srun(deepspeed_ops, tmp_path):
-    """launch/slurm_train.sbatch with the allocation's variables and an srun stand-in (no SLURM here): ranks,
-    MASTER_ADDR from SLURM_JOB_NODELIST (the fallback parser: no scontrol), MASTER_PORT from the job id;
-    FSDP2 backend, so the torch path of init_distributed runs too."""
+    """launch/slurm_train.sbatch, submitted from another directory, with an allocation of 1 node x "2 GPUs"
+    (SLURM_GPUS_PER_NODE=gpu:2, no task count in the environment) and an srun stand-in (no SLURM here): the
+    script finds the repository, starts nodes x GPUs-per-node tasks with --cpus-per-task passed explicitly,
+    picks MASTER_PORT below the ephemeral range from the job id; the ranks take MASTER_ADDR from
+    SLURM_JOB_NODELIST (the fallback parser: no scontrol). The recipe is configs/fsdp_ist.yaml through
+    launch/train.py (FSDP2, so the torch path of init_distributed runs too)."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "srun").write_text(FAKE_SRUN.format(python=PYTHON))
     (bindir / "srun").chmod(0o755)
-    job_id = free_port() - 15000  # MASTER_PORT = 15000 + SLURM_JOB_ID % 20000: a port free right now
-    while not 0 < job_id < 20000:
-        job_id = free_port() - 15000
-    dump = tmp_path / "dump"
-    env = launch_env(SLURM_JOB_ID=job_id, SLURM_JOB_NODELIST="localhost", SLURM_NNODES=1, SLURM_NTASKS=2,
-                     SLURM_TASKS_PER_NODE=2, SLURM_CPUS_PER_TASK=1, SLURM_PROCID=0, SLURM_SUBMIT_DIR=ROOT,
-                     PYTHON=PYTHON, ENTRY=ENTRY, IST_TEST_DUMP_DIR=dump)
+    ephemeral_low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    if ephemeral_low <= 20100:
+        pytest.skip(f"this machine's ephemeral ports start at {ephemeral_low}")
+    port = _bindable_port(20000, min(ephemeral_low, 30000))
+    job_id = 7 * (ephemeral_low - 10000) + port - 10000  # the script's port: 10000 + job id % (ephemeral_low - 10000)
+    elsewhere = tmp_path / "submitted_from"
+    elsewhere.mkdir()
+    dump, record = tmp_path / "dump", tmp_path / "srun.json"
+    env = launch_env(SLURM_JOB_ID=job_id, SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES=1,
+                     SLURM_GPUS_PER_NODE="gpu:2", SLURM_CPUS_PER_TASK=1, SLURM_PROCID=0,
+                     SLURM_SUBMIT_DIR=elsewhere, PYTHON=PYTHON, ENTRY=os.path.join(ROOT, ENTRY),
+                     IST_TEST_DUMP_DIR=dump, FAKE_SRUN_RECORD=record)
     env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
-    cmd = ["bash", "launch/slurm_train.sbatch", *SHORT, "--set", "backend.name=fsdp", "--set",
-           f"output_dir={tmp_path / 'out'}"]
+    args = [a.replace("configs/quickstart.yaml", os.path.join(ROOT, "configs/fsdp_ist.yaml")) for a in SHORT]
+    cmd = ["bash", os.path.join(ROOT, "launch/slurm_train.sbatch"), *args, "--set", "output_dir=out"]
     rcs, logs, wall = run_logged([(cmd, env)], tmp_path, "sbatch")
     assert rcs == [0], tail(logs)
+    srun = json.loads(record.read_text())
+    assert srun["opts"]["--nodes"] == "1" and srun["opts"]["--ntasks-per-node"] == "2"
+    assert srun["opts"]["--cpus-per-task"] == "1" and srun["OMP_NUM_THREADS"] == "1"
+    assert srun["cwd"] == str(elsewhere) and srun["MASTER_PORT"] == str(port) and port < ephemeral_low
     records = ranks_agree(dump)
     for rec in records:
         e = rec["env"]
-        assert (e["MASTER_ADDR"], e["MASTER_PORT"]) == ("localhost", str(15000 + job_id))
+        assert (e["MASTER_ADDR"], e["MASTER_PORT"]) == ("localhost", str(port))
         assert e["LOCAL_RANK"] == e["RANK"] and e["LOCAL_WORLD_SIZE"] == "2" and e["NODE_RANK"] == "0"
-    assert records[0]["summary"]["backend"] == "fsdp"
+    assert records[0]["summary"]["backend"] == "fsdp" and records[0]["summary"]["world_size"] == 2
+    assert (elsewhere / "out" / "summary.json").exists()  # relative paths are read from the submission directory
     print(f"sbatch + srun: {wall:.0f} s")
 
 

@@ -99,8 +99,10 @@ def test_build_model_overrides_and_seed(arch: str) -> None:
 
 
 def test_unknown_arch_and_method() -> None:
-    with pytest.raises(ISTConfigError, match="llama"):
-        build_model("bert")
+    with pytest.raises(ISTConfigError, match="unknown arch 'llamma'.*similar: llama"):
+        build_model("llamma")
+    with pytest.raises(ISTConfigError, match="no causal-LM head"):
+        build_model("clip")
     with pytest.raises(ISTConfigError, match="lora, dora, loha, lokr, ia3"):
         apply_peft(build_model("llama"), "prefix")
 

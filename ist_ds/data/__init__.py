@@ -88,9 +88,14 @@ def load_task(
     * a directory (e.g. LLM-Adapters' ``dataset/<task>/``): train is ``train.json``, else the single
       ``*_train.json``; test is ``test.json``, else the single ``*_test.json``, else empty.
       A directory with only a test file is an error (nothing to train on).
+    * a directory of such task directories (e.g. LLM-Adapters' ``dataset/``, with ``ARC-Easy/``,
+      ``boolq/``, ...): a mix of all of them. Every record gets a ``task`` field (its directory's name,
+      so that evaluation scores each record against its own task's labels); each task's records are
+      shuffled (``seed``) and the tasks interleaved one record at a time, so any prefix of the mix is
+      balanced; training takes the first ``num_train`` records (``num_train=0``: all).
 
-    ``num_train``/``num_test``/``seed`` only affect the embedded task; files are returned whole and
-    in file order (subsampling and shuffling belong to the trainer, which knows the seed and ranks).
+    Otherwise ``num_train``/``num_test``/``seed`` only affect the embedded task; files are returned
+    whole and in file order (subsampling and shuffling belong to the trainer, which knows the seed and ranks).
     """
     if spec is None or os.fspath(spec) == EMBEDDED_TASK_NAME:
         train, test = embedded_records(num_train=num_train, num_test=num_test, seed=seed)
@@ -99,6 +104,8 @@ def load_task(
     path = os.fspath(spec)
     if os.path.isdir(path):
         train_file = _find_split(path, "train")
+        if train_file is None and test_path is None and _task_dirs(path):
+            return _task_mix(path, num_train, seed)
         if train_file is None:
             found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(path), "*.json")))
             raise ISTDataError(
@@ -122,6 +129,39 @@ def load_task(
     test = load_records(test_file) if test_file is not None else []
     logger.info("task %s: %d train records (%s), %d test records (%s)", name, len(train), train_file, len(test), test_file)
     return Task(name=name, train=train, test=test, train_path=train_file, test_path=test_file)
+
+
+def _task_dirs(path: str) -> list[str]:
+    """Subdirectories of ``path`` that hold a train split, sorted by name."""
+    subs = sorted(os.path.join(path, d) for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    return [d for d in subs if _find_split(d, "train") is not None]
+
+
+def _interleave(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i in range(max((len(g) for g in groups), default=0)):
+        out.extend(g[i] for g in groups if i < len(g))
+    return out
+
+
+def _task_mix(path: str, num_train: int, seed: int) -> Task:
+    import random
+
+    trains, tests = [], []
+    for directory in _task_dirs(path):
+        task = load_task(directory)
+        rng = random.Random(f"{seed}:{task.name}")
+        for records, sink in ((task.train, trains), (task.test, tests)):
+            records = [dict(r, task=task.name) for r in records]
+            rng.shuffle(records)
+            sink.append(records)
+    train = _interleave(trains)
+    if num_train:
+        train = train[:num_train]
+    test = _interleave(tests)
+    name = os.path.basename(os.path.normpath(path))
+    logger.info("task mix %s (%d tasks): %d train records, %d test records", name, len(trains), len(train), len(test))
+    return Task(name=name, train=train, test=test, train_path=path, test_path=path)
 
 
 __all__ = [
