@@ -284,7 +284,29 @@ def _meta_model(recipe: Recipe, tokenizer, report: CheckReport):
     """The recipe's model on the meta device: its structure without memory or weights, or None."""
     m = recipe.model
     try:
-        if m.path:
+        if m.gguf_file:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            from ist_ds.pretrained import gguf_path
+
+            source = gguf_path(m.path, m.gguf_file)
+            if not os.path.isfile(source):
+                report.problems.append(_missing("model.gguf_file", source) + " (a local GGUF file)")
+                return None
+            try:
+                import gguf  # noqa: F401
+            except ImportError:
+                report.problems.append("model.gguf_file: reading a GGUF file needs the 'gguf' package "
+                                       "(pip install -r requirements-models.txt)")
+                return None
+            folder, name = os.path.split(os.path.abspath(source))
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)  # the file's header only
+            if not _has_blocks(config, f"model.gguf_file {source!r}", report):
+                return None
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+            source = f"{source} ({type(model).__name__}, GGUF header only)"
+        elif m.path:
             from transformers import AutoConfig, AutoModelForCausalLM
 
             if not os.path.exists(m.path):

@@ -40,9 +40,10 @@ def _cli(capsys, *argv):
 BAD_INPUTS = {  # name: (extra arguments, what the one error line must say); {tmp} is the test's directory
     "yaml-override": (["--set", "ist.train_layers=[1"], "is not valid YAML"),
     "peft-targets": (["--set", "peft.target_modules=[nope]"], "Target modules {{'nope'}} not found"),
-    "zero-layers": (["--set", "model.config.num_hidden_layers=0"], "num_hidden_layers=0"),
-    "no-config-json": (["--set", "model.path={tmp}/no_config"], "has no config.json"),
-    "missing-model": (["--set", "model.path={tmp}/missing"], "model.path: path does not exist: {tmp}/missing"),
+    "zero-layers": (["--set", "model.config.num_hidden_layers=0"], "num_hidden_layers must be a positive number"),
+    "no-config-json": (["--set", "model.path={tmp}/no_config", "--set", "model.config={{}}"], "has no config.json"),
+    "missing-model": (["--set", "model.path={tmp}/missing", "--set", "model.config={{}}"],
+                      "model.path: path does not exist: {tmp}/missing"),
     "missing-tokenizer": (["--set", "data.tokenizer={tmp}/missing"], "data.tokenizer: path does not exist"),
     "output-dir": (["--set", "output_dir={tmp}/a_file/out"], "cannot be created"),
     "single-stop": (["--set", "training.stop_after_steps=1"], "single writes and loads no checkpoints"),
