@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except ISTError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         log = logging.getLogger("ist_ds")
-        if log.handlers:  # the job's log (with its rank prefix) gets it too, once logging is set up
+        # The job's log (with its rank prefix) gets it too, once logging is set up and its stream is open
+        # (a handler left by an earlier in-process run may write to a closed stream).
+        if log.handlers and not any(getattr(getattr(h, "stream", None), "closed", False) for h in log.handlers):
             log.error("error: %s", message)
         print(f"ist-ds: error: {message}", file=sys.stderr)
         return 2

@@ -313,8 +313,11 @@ def _state_of(engine):
 
 
 def _masters_of(engine):
+    """Clones of each block's fp32 masters that are in place (offload/drop park unselected ones: skipped)."""
+    from ist_ds.tensor_parking import storage_bytes
+
     gate = engine.ist.controller.gate
-    return {layer: [t.detach().clone() for t in gate.masters(layer)] for layer in gate.all_layers}
+    return {layer: [t.detach().clone() for t in gate.masters(layer) if storage_bytes(t)] for layer in gate.all_layers}
 
 
 def _eq_list(a, b):
