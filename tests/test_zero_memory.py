@@ -23,7 +23,7 @@ from distributed import run_ranks
 
 import test_deepspeed as T
 
-STEPS = 4
+STEPS = 3
 STAGES = (1, 2, 3)
 SUB_GROUP_SIZE = 256  # elements: splits each layer's ZeRO-3 partition into several sub-groups
 N_U, L = 2, T.NUM_LAYERS
