@@ -78,9 +78,13 @@ def ds_config(stage, mode="keep", offload_optimizer=False, bf16=False, grad_acc=
 
 # ---------------------------------------------------------------------- helpers run inside the ranks
 def _full_params(engine, stage):
+    return gather_lora(engine.ist.layer_map, stage)
+
+
+def gather_lora(lm, stage):
+    """Every layer's PEFT parameters, whole (gathered under ZeRO-3), cloned."""
     import deepspeed
 
-    lm = engine.ist.layer_map
     params = [[p for _, p in layer.params] for layer in lm.layers]
     flat = [p for ps in params for p in ps]
     if stage == 3:

@@ -30,14 +30,7 @@ N_U, L = 2, T.NUM_LAYERS
 
 
 def _lora(layer_map, stage):
-    import deepspeed
-
-    params = [[p for _, p in layer.params] for layer in layer_map.layers]
-    flat = [p for ps in params for p in ps]
-    if stage == 3:
-        with deepspeed.zero.GatheredParameters(flat):
-            return [[p.detach().clone() for p in ps] for ps in params]
-    return [[p.detach().clone() for p in ps] for ps in params]
+    return T.gather_lora(layer_map, stage)
 
 
 def _run(rank, world, stage, mode, data):
