@@ -266,7 +266,10 @@ def _model_checks(m: ModelSection) -> None:
     if m.path is None and m.gguf_file is None:
         from ist_ds.models import check_arch
 
-        check_arch(m.arch)  # any causal-LM model_type transformers' AutoConfig knows
+        try:
+            check_arch(m.arch)  # any causal-LM model_type transformers' AutoConfig knows
+        except ISTConfigError as e:
+            raise ISTConfigError(f"model.arch: {e}") from None
     elif m.config:
         raise ISTConfigError("model.config overrides a from-scratch architecture; with model.path or "
                              "model.gguf_file the model's own config is used")
