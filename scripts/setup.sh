@@ -24,6 +24,10 @@ fi
 .venv/bin/python -m pip install -q -r requirements-dev.txt
 .venv/bin/python -m pip install -q --no-deps -e .
 
+# The venv's bin first: DeepSpeed's JIT builds run the first `ninja` on PATH, and the venv's ninja
+# (1.13 here) and the system's (1.11) rewrite each other's build logs, so mixing them rebuilds the ops
+# (40-70 s each time, other ranks waiting on the build lock). Every process of a job uses the venv's.
+export PATH="$PWD/.venv/bin:$PATH"
 # DeepSpeed compiles its CPU communication and CPU-Adam ops on first use (about 1-2 min each on
 # 2 cores); build them once here, into ~/.cache/torch_extensions, not inside a job or a test.
 if ! .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then

