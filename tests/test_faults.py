@@ -15,6 +15,7 @@ import torch
 
 import ist_ds.backends.deepspeed  # noqa: F401  imported once here, inherited by the forked ranks
 from distributed import run_ranks
+from test_deepspeed import make_data
 from ist_ds.checkpoint import (IST_STATE_FILE, MANIFEST_FILE, atomic_torch_save, read_latest, remove_stale_tmp,
                                verify_checkpoint, write_manifest)
 from ist_ds.errors import ISTCheckpointError, ISTConfigError
@@ -158,19 +159,10 @@ def test_unsupported_deepspeed_setups_are_refused_at_initialize(change, match):
         cfg.update(change)
     # Refused before deepspeed.initialize: no process group is needed (none exists here).
     with pytest.raises(ISTConfigError, match=match):
-        ist_ds.initialize(model=_tiny_model(), config=cfg, scoring_data=_data(), **kwargs)
+        ist_ds.initialize(model=_tiny_model(), config=cfg, scoring_data=make_data(), **kwargs)
 
 
 # ---------------------------------------------------------------------- 2 ranks, one launch
-def _data(n=64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(0, 256, (SEQ,), generator=g)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": ids.clone()})
-    return rows
-
-
 def _batch(data, i, rank):
     rows = data[(i * 2 + rank) * MICRO % len(data):][:MICRO]
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
@@ -190,7 +182,7 @@ def _deepspeed_faults(rank, world, tmp):
     from ist_ds.errors import ISTAgreementError
 
     out = {}
-    data = _data()
+    data = make_data()
     # 1. Ranks with different configs (same seed, another update_interval): refused at initialize, on
     #    every rank, naming the key, before the first mismatched collective.
     try:
@@ -263,7 +255,7 @@ def _deepspeed_faults(rank, world, tmp):
 def _load_on_one_rank(rank, world, tmp):
     import ist_ds
 
-    engine, *_ = ist_ds.initialize(model=_tiny_model(), config=_ds_config(grad_acc=4), scoring_data=_data())
+    engine, *_ = ist_ds.initialize(model=_tiny_model(), config=_ds_config(grad_acc=4), scoring_data=make_data())
     try:
         engine.load_checkpoint(f"{tmp}/ckpt")
         return "loaded"
