@@ -31,7 +31,11 @@ LAYER_KEY = "ist_layer"
 
 
 class LayerMemory(Protocol):
-    """Per-layer memory a backend moves away while a layer is not selected (beyond the optimizer state)."""
+    """Per-layer memory a backend moves away while a layer is not selected (beyond the optimizer state).
+
+    Optional, looked up when present: ``on_selection()`` (called once a new selection is in place),
+    ``uninstall()`` (called by :meth:`OptimizerGate.unwrap`) and ``master_bytes()`` (for reports).
+    """
 
     def release(self, layer: int) -> None: ...
 

@@ -167,10 +167,6 @@ class ZeroMemory:
                 out["disk" if parked.path else "host"] += parked.nbytes
         return out
 
-    def gradient_bytes(self) -> int:
-        """Bytes of gradient partitions the optimizer holds now (read between backward and step)."""
-        return zero_gradient_bytes(self.opt)
-
     # ------------------------------------------------------------------ patches
     def _zero(self, numel: int, dtype, device) -> torch.Tensor:
         """A zero tensor of ``numel`` elements backed by one element (read-only use only)."""
