@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.common import print_verdicts  # noqa: E402
-from ist_ds.checkpoint import file_digest, safe_load  # noqa: E402
+from ist_ds.runtime.checkpoint import file_digest, safe_load  # noqa: E402
 
 
 def main() -> int:

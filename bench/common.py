@@ -60,7 +60,7 @@ def quiet() -> None:
 
 
 def make_model(seed: int = 0, **overrides):
-    from ist_ds.models import apply_peft, build_model
+    from ist_ds.jobs.models import apply_peft, build_model
 
     model = build_model("llama", seed=seed, **{**MODEL, **overrides})
     return apply_peft(model, "lora", **LORA)

@@ -6,7 +6,7 @@ Usage, from the repository root:
     python bench/gpu_check.py --out results.json    # JSON to a path of your choice
     python bench/gpu_check.py --tiny --out /tmp/gpu_check.json   # tiny model, runs on CPU too
 
-Single process, ``ist_ds.trainer.SingleProcessTrainer`` (torch AdamW over one param group per layer,
+Single process, ``ist_ds.backends.single.SingleProcessTrainer`` (torch AdamW over one param group per layer,
 IST's optimizer gate and state store). For each variant a fresh model is built directly on the GPU:
 Llama, 22 blocks, hidden 2048, intermediate 5632, 32 heads / 4 KV heads, vocab 32000 (~1.1B
 parameters, the TinyLlama shape), bf16 weights; LoRA r=32, alpha=64 on q,k,v,up,down (adapter weights
@@ -75,7 +75,7 @@ def _sync(device) -> None:
 def _build(model_cfg: dict, device, dtype, seed: int = 0):
     import torch
 
-    from ist_ds.models import apply_peft, build_model
+    from ist_ds.jobs.models import apply_peft, build_model
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -107,8 +107,8 @@ def _collate(rows):
 def _run_variant(name, ist_block, model_cfg, device, dtype, data, batch, steps, warmup, deadline):
     import torch
 
-    from ist_ds.optimizer_state import live_state_bytes
-    from ist_ds.trainer import SingleProcessTrainer
+    from ist_ds.optim.state_store import live_state_bytes
+    from ist_ds.backends.single import SingleProcessTrainer
 
     allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     model = _build(model_cfg, device, dtype)

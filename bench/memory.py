@@ -168,8 +168,8 @@ def _run(rank, world, stage, name, ist, zero_extra, steps, data, measure_saved, 
     import deepspeed
 
     import ist_ds
-    from ist_ds.layers import discover_layers, set_trainable
-    from ist_ds.optimizer_state import live_state_bytes
+    from ist_ds.model.layers import discover_layers, set_trainable
+    from ist_ds.optim.state_store import live_state_bytes
 
     model = common.make_model()
     layer_map = discover_layers(model)  # before anything freezes parameters
@@ -254,7 +254,7 @@ def _run_fsdp(rank, world, name, ist, steps, data, measure_saved):
     from torch.distributed.device_mesh import init_device_mesh
 
     from ist_ds.backends import fsdp
-    from ist_ds.optimizer_state import live_state_bytes
+    from ist_ds.optim.state_store import live_state_bytes
 
     _reset_linear()
     model = common.make_model()
@@ -330,7 +330,7 @@ def bare_saved_bytes(linear: str, data) -> dict:
 
     from ist_ds.backends.zero3_linear import selective_linear
 
-    from ist_ds.layers import discover_layers, set_trainable
+    from ist_ds.model.layers import discover_layers, set_trainable
 
     model = common.make_model()
     layer_map = discover_layers(model)

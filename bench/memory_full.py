@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import torch  # noqa: E402
-from ist_ds.monitor import PeakStateProbe  # noqa: E402
+from ist_ds.observe.monitor import PeakStateProbe  # noqa: E402
 
 MICRO = 4
 N_TRAIN = 2
@@ -86,8 +86,8 @@ def make_full_model():
     ``discover_full_layers`` sets ``requires_grad`` as full mode does (blocks on, the rest off), so the
     baseline and LISA rows train exactly the parameters the IST rows train.
     """
-    from ist_ds.layers import discover_full_layers
-    from ist_ds.models import build_model
+    from ist_ds.model.layers import discover_full_layers
+    from ist_ds.jobs.models import build_model
 
     model = build_model("llama", seed=0, **common.MODEL)
     return model, discover_full_layers(model)
@@ -149,8 +149,8 @@ def _run_deepspeed(rank, world, stage, name, extra, steps, data, offload_dir, bf
 
     import ist_ds
     from ist_ds.backends.zero_memory import zero_gradient_bytes
-    from ist_ds.layers import set_trainable
-    from ist_ds.optimizer_state import live_state_bytes
+    from ist_ds.model.layers import set_trainable
+    from ist_ds.optim.state_store import live_state_bytes
 
     _reset_linear()
     model, layer_map = make_full_model()
@@ -209,7 +209,7 @@ def _run_fsdp(rank, world, name, extra, steps, data, offload_dir, comm):
     from torch.distributed.device_mesh import init_device_mesh
 
     from ist_ds.backends.fsdp import setup
-    from ist_ds.optimizer_state import live_state_bytes
+    from ist_ds.optim.state_store import live_state_bytes
 
     _reset_linear()
     model, _ = make_full_model()

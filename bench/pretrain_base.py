@@ -13,9 +13,9 @@ underlying datasets under their own licenses). Neither the prompt template nor t
 language of the questions, and the fine-tune has to teach it the task format and the answers,
 which is the situation of the IST paper (a pretrained LM fine-tuned on commonsense_170k).
 
-Texts are byte-tokenised (ist_ds.data.ByteTokenizer: BOS text EOS), concatenated in a seeded
+Texts are byte-tokenised (ist_ds.jobs.data.ByteTokenizer: BOS text EOS), concatenated in a seeded
 random order and cut into windows of ``--seq`` tokens. The model is the project's from-scratch
-Llama (ist_ds.models.build_model) with 512 positions, so it can later read whole prompts of up to
+Llama (ist_ds.jobs.models.build_model) with 512 positions, so it can later read whole prompts of up to
 512 bytes. AdamW with linear warm-up and cosine decay, one thread.
 
 Output (``save_pretrained``): the Llama weights and config, the byte tokenizer file, and
@@ -44,8 +44,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ist_ds.data import ByteTokenizer, load_records  # noqa: E402
-from ist_ds.models import build_model  # noqa: E402
+from ist_ds.jobs.data import ByteTokenizer, load_records  # noqa: E402
+from ist_ds.jobs.models import build_model  # noqa: E402
 
 TASKS = ("ARC-Easy", "ARC-Challenge", "boolq", "openbookqa")
 #: The base architecture: 8 blocks so that IST's default fractions give whole layer counts

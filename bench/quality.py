@@ -10,14 +10,14 @@ what one CPU core does in about 40 minutes:
   datasets under their own licenses). Training uses the four training splits mixed, as
   commonsense_170k mixes its tasks; only records whose prompt, answer and EOS fit in ``--cutoff``
   byte tokens are used (a truncated record loses its answer, and the model could not see it);
-* fine-tuning: the project's own job path, ``ist_ds.runner.run`` with ``backend.name: single``
+* fine-tuning: the project's own job path, ``ist_ds.jobs.runner.run`` with ``backend.name: single``
   (what ``python launch/train.py --config ... --set backend.name=single`` runs), LoRA r=16, alpha=32
   on q, k, v, up, down; the same steps, batch, learning rate and data order for every method of a
   seed. Methods: ``uniform`` (``ist.strategy: all``, every layer every step), ``rst`` (2 of 8 layers
   uniformly at random per step) and ``ist`` (2 of 8 by learned importance);
 * evaluation, per task on a fixed subsample of its test split (``--test-per-task`` records drawn
   with seed 0 among those that fit ``--cutoff``): held-out token loss and multiple-choice accuracy
-  with ``ist_ds.evaluation`` (every label of the task is put into the record's output text; the
+  with ``ist_ds.jobs.evaluation`` (every label of the task is put into the record's output text; the
   label whose output tokens get the highest log-likelihood is the prediction).
 
 The per-run numbers go to ``bench/results/quality.json``; the summary tables (mean ± std over seeds
@@ -174,7 +174,7 @@ LORA = dict(method="lora", r=16, alpha=32, dropout=0.0)
 
 def fits(record: dict, tokenizer, cutoff: int) -> bool:
     """Whether prompt + output + EOS fits in ``cutoff`` tokens, so the answer is never truncated."""
-    from ist_ds.data import encode_with, generate_prompt
+    from ist_ds.jobs.data import encode_with, generate_prompt
 
     text = generate_prompt(record["instruction"], record.get("input", ""), record["output"])
     return len(encode_with(tokenizer, text)) + 1 <= cutoff
@@ -207,11 +207,11 @@ def recipe_dict(method: str, seed: int, train_file: str, out_dir: str, args) -> 
 
 
 def evaluate(model, tokenizer, tests: dict[str, list[dict]], cutoff: int) -> tuple[dict, dict]:
-    """Held-out loss and multiple-choice accuracy per task, with ist_ds.evaluation."""
-    from ist_ds.collectives import LocalCollectives
-    from ist_ds.data import InstructionDataset, PadCollator
-    from ist_ds.evaluation import choice_accuracy, evaluate_loss
-    from ist_ds.scoring import default_forward
+    """Held-out loss and multiple-choice accuracy per task, with ist_ds.jobs.evaluation."""
+    from ist_ds.runtime.collectives import LocalCollectives
+    from ist_ds.jobs.data import InstructionDataset, PadCollator
+    from ist_ds.jobs.evaluation import choice_accuracy, evaluate_loss
+    from ist_ds.runtime.scoring import default_forward
 
     comm, collate = LocalCollectives(), PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
     loss, accuracy = {}, {}
@@ -258,9 +258,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from ist_ds.data import load_records, load_tokenizer
-    from ist_ds.recipe import Recipe
-    from ist_ds.runner import run
+    from ist_ds.jobs.data import load_records, load_tokenizer
+    from ist_ds.jobs.recipe import Recipe
+    from ist_ds.jobs.runner import run
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(args.base)

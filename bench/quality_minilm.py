@@ -15,7 +15,7 @@ scale (the classification head). Cross-entropy over the candidates trains it. Th
 form is what the model was pretrained for (sentence similarity), and it encodes each question once
 instead of once per option, which keeps 9 fine-tunes within about 20 minutes of one CPU core.
 
-Training goes through ``ist_ds.trainer.SingleProcessTrainer`` (what ``backend.name: single`` runs),
+Training goes through ``ist_ds.backends.single.SingleProcessTrainer`` (what ``backend.name: single`` runs),
 LoRA r=8, alpha=16 on query, key, value and the two MLP projections of every block; the same steps,
 batch, learning rate and data order for every method of a seed. IST finds the blocks itself
 (``base_model.model.encoder.layer`` of the PEFT-wrapped ``BertModel``); the scale lives outside the
@@ -212,8 +212,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    from ist_ds.data import load_records
-    from ist_ds.trainer import SingleProcessTrainer
+    from ist_ds.jobs.data import load_records
+    from ist_ds.backends.single import SingleProcessTrainer
 
     started = time.perf_counter()
     path = model_dir()

@@ -58,7 +58,7 @@ METHODS = {  # the ist block of each method
 
 def find_model_dir(args) -> str:
     """The converted Hugging Face directory of SmolLM2 (the GGUF file converted once, cached)."""
-    from ist_ds.pretrained import model_directory
+    from ist_ds.jobs.pretrained import model_directory
 
     if args.model_dir:
         return model_directory(args.model_dir)
@@ -71,7 +71,7 @@ def find_model_dir(args) -> str:
 
 def load_data(args, tokenizer):
     """Training mix (balanced over the tasks, ``num_train`` records) and the evaluation records per task."""
-    from ist_ds.data import InstructionDataset, load_task
+    from ist_ds.jobs.data import InstructionDataset, load_task
 
     task = load_task(args.data, num_train=args.num_train, seed=0)
     train = InstructionDataset(task.train, tokenizer, cutoff_len=256, train_on_inputs=False)
@@ -87,8 +87,8 @@ def build_engine(args, model_dir, ist_block, seed, train, world):
     import ist_ds
     from transformers import AutoModelForCausalLM
 
-    from ist_ds.data import PadCollator
-    from ist_ds.models import apply_peft
+    from ist_ds.jobs.data import PadCollator
+    from ist_ds.jobs.models import apply_peft
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if args.truncate_layers:
@@ -138,7 +138,7 @@ def timed_step(engine, batch):
 
 # ------------------------------------------------------------------------------------------ part 1
 def _timing_rank(rank, world, args, model_dir):
-    from ist_ds.data import load_tokenizer
+    from ist_ds.jobs.data import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     args.pad_id = tokenizer.pad_token_id
@@ -175,10 +175,10 @@ def timing_table(times_by_world, T):
 
 # ------------------------------------------------------------------------------------------ parts 2, 3
 def _compare_rank(rank, world, args, model_dir, runs):
-    from ist_ds.collectives import default_collectives
-    from ist_ds.data import InstructionDataset, PadCollator, load_tokenizer
-    from ist_ds.evaluation import choice_accuracy, evaluate_loss
-    from ist_ds.scoring import default_forward
+    from ist_ds.runtime.collectives import default_collectives
+    from ist_ds.jobs.data import InstructionDataset, PadCollator, load_tokenizer
+    from ist_ds.jobs.evaluation import choice_accuracy, evaluate_loss
+    from ist_ds.runtime.scoring import default_forward
 
     tokenizer = load_tokenizer(model_dir)
     args.pad_id = tokenizer.pad_token_id
@@ -377,7 +377,7 @@ def main(argv=None) -> int:
 
 def _eval_records(args) -> dict:
     """The evaluated records per task (for the majority-label baseline), without a tokenizer."""
-    from ist_ds.data import load_task
+    from ist_ds.jobs.data import load_task
 
     task = load_task(args.data, num_train=args.num_train, seed=0)
     by_task: dict[str, list] = {}

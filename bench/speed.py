@@ -142,8 +142,8 @@ def _speed_rank(rank, world, steps, warmup, kinds, profile_steps, scoring_reps):
     # does) while rank 1 waits at a barrier
     import torch.distributed as dist
 
-    from ist_ds.collectives import LocalCollectives
-    from ist_ds.scoring import ImportanceScorer, ScoringStream
+    from ist_ds.runtime.collectives import LocalCollectives
+    from ist_ds.runtime.scoring import ImportanceScorer, ScoringStream
 
     cfg = ctrl.config
     solo = ImportanceScorer(engines["ist"].module, ctrl.layer_map, data, common.collate,

@@ -1,7 +1,7 @@
 """ist_ds: Importance-aware Sparse Tuning for PEFT on DeepSpeed ZeRO and PyTorch FSDP2."""
 
 from ist_ds.core import ISTConfig, ImportanceState
-from ist_ds.errors import ISTAgreementError, ISTCheckpointError, ISTConfigError, ISTDataError, ISTError, ISTModelError
+from ist_ds.core.errors import ISTAgreementError, ISTCheckpointError, ISTConfigError, ISTDataError, ISTError, ISTModelError
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ recipe format is the one of every backend (``backend.name: fsdp``, docs/config.m
 import os
 import sys
 
-from ist_ds.cli import main
+from ist_ds.jobs.cli import main
 
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "fsdp_ist.yaml")
 

@@ -39,7 +39,7 @@ logger = logging.getLogger("hf_trainer_train")
 
 def read_recipe(argv: list[str]):
     """(Recipe, the remaining arguments): ``--config`` and ``--set`` are the job runner's options."""
-    from ist_ds.recipe import Recipe
+    from ist_ds.jobs.recipe import Recipe
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config")
@@ -53,7 +53,7 @@ def read_recipe(argv: list[str]):
 
 def training_defaults(recipe, world_size: int) -> dict:
     """``TrainingArguments`` defaults taken from the recipe where the two overlap."""
-    from ist_ds.errors import ISTConfigError
+    from ist_ds.core.errors import ISTConfigError
 
     t = recipe.training
     if t.global_batch_size % (t.micro_batch_size * world_size):
@@ -97,8 +97,8 @@ def parse_args(argv: list[str]):
 
 def build(recipe):
     """Model (with adapters), tokenizer, train and held-out datasets and collator, as the job runner builds them."""
-    from ist_ds.data import InstructionDataset, PadCollator, load_task, load_tokenizer
-    from ist_ds.runner import build_recipe_model, model_directory, tokenizer_source, train_data_source
+    from ist_ds.jobs.data import InstructionDataset, PadCollator, load_task, load_tokenizer
+    from ist_ds.jobs.runner import build_recipe_model, model_directory, tokenizer_source, train_data_source
 
     d = recipe.data
     model_dir = model_directory(recipe)
@@ -114,7 +114,7 @@ def build(recipe):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ist_ds.errors import ISTError
+    from ist_ds.core.errors import ISTError
 
     try:
         recipe, training = parse_args(sys.argv[1:] if argv is None else argv)

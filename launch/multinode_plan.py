@@ -83,8 +83,8 @@ def check_recipe(user_args: "list[str]", world_size: int) -> "str | None":
     if "--config" not in user_args:
         return None
     sys.path.insert(0, ROOT)
-    from ist_ds.errors import ISTError
-    from ist_ds.recipe import Recipe
+    from ist_ds.core.errors import ISTError
+    from ist_ds.jobs.recipe import Recipe
 
     i = user_args.index("--config")
     overrides = [user_args[j + 1] for j, a in enumerate(user_args[:-1]) if a == "--set"]

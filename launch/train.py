@@ -10,7 +10,7 @@ See docs/launch.md for multi-node, mpirun and SLURM.
 
 import sys
 
-from ist_ds.cli import main
+from ist_ds.jobs.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

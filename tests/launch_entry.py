@@ -12,9 +12,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ist_ds.controller as controller  # noqa: E402
-import ist_ds.runner as runner  # noqa: E402
-from ist_ds.cli import main  # noqa: E402
+import ist_ds.runtime.controller as controller  # noqa: E402
+import ist_ds.jobs.runner as runner  # noqa: E402
+from ist_ds.jobs.cli import main  # noqa: E402
 
 DUMP = os.environ.get("IST_TEST_DUMP_DIR")
 SELECTIONS: list[list[int]] = []

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ist_ds.core import ISTConfig, ImportanceState
-from ist_ds.errors import ISTConfigError
-from ist_ds.recipe import Recipe
+from ist_ds.core.errors import ISTConfigError
+from ist_ds.jobs.recipe import Recipe
 
 junk = st.one_of(st.none(), st.booleans(), st.integers(-5, 40), st.floats(allow_nan=True, allow_infinity=True),
                  st.text(max_size=5), st.lists(st.integers(), max_size=2))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ist_ds.core import ISTConfig, ImportanceState, sample_uniform_layers
-from ist_ds.errors import ISTCheckpointError, ISTConfigError
+from ist_ds.core.errors import ISTCheckpointError, ISTConfigError
 
 
 def reference_update(scores, sets, losses, eta):

@@ -1,4 +1,4 @@
-"""Tests for ist_ds.data: format validation, prompt template, tokenisation, batching, embedded task."""
+"""Tests for ist_ds.jobs.data: format validation, prompt template, tokenisation, batching, embedded task."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ist_ds.data import (
+from ist_ds.jobs.data import (
     IGNORE_INDEX,
     ByteTokenizer,
     InstructionDataset,
@@ -21,7 +21,7 @@ from ist_ds.data import (
     load_task,
     load_tokenizer,
 )
-from ist_ds.errors import ISTDataError
+from ist_ds.core.errors import ISTDataError
 
 # The shared data lives next to the checkout (<repo>/../shared), only on CI / development machines.
 COMMONSENSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
@@ -206,7 +206,7 @@ def test_embedded_deterministic_and_valid(tmp_path: Path) -> None:
 
 
 def test_embedded_answers_are_correct() -> None:
-    from ist_ds.data.embedded import _BIRDS
+    from ist_ds.jobs.data.embedded import _BIRDS
 
     train, _ = embedded_records(num_train=300, num_test=0, seed=1)
     seen = set()
@@ -347,9 +347,9 @@ def test_directory_of_tasks_is_a_balanced_mix_scored_per_task(tmp_path: Path) ->
     """A directory of task directories: records tagged with their task, tasks interleaved (any prefix is
     balanced), num_train applied to the mix, and multiple-choice accuracy scoring each record only against
     its own task's labels."""
-    from ist_ds.collectives import LocalCollectives
-    from ist_ds.evaluation import choice_accuracy, labels_by_task
-    from ist_ds.models import build_model
+    from ist_ds.runtime.collectives import LocalCollectives
+    from ist_ds.jobs.evaluation import choice_accuracy, labels_by_task
+    from ist_ds.jobs.models import build_model
 
     def records(labels, n):
         return [{"instruction": f"q{i}", "input": "", "output": f"the correct answer is {labels[i % len(labels)]}",

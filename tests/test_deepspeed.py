@@ -28,7 +28,7 @@ MICRO = 2
 
 
 def make_model(seed=0):
-    from ist_ds.models import apply_peft, build_model
+    from ist_ds.jobs.models import apply_peft, build_model
 
     model = build_model("llama", seed=seed, num_hidden_layers=NUM_LAYERS)
     return apply_peft(model, "lora", r=4, alpha=8)
@@ -95,7 +95,7 @@ def gather_lora(lm, stage):
 
 def _masters(engine):
     """Clones of every layer's fp32 masters that are in place (parked ones hold no storage: skipped)."""
-    from ist_ds.tensor_parking import storage_bytes
+    from ist_ds.optim.parking import storage_bytes
 
     gate = engine.ist.controller.gate
     return {layer: [t.detach().clone() for t in gate.masters(layer) if storage_bytes(t)] for layer in gate.all_layers}
@@ -142,7 +142,7 @@ def _train(rank, world, cfg, steps, data, check=True, grad_acc=1, checkpointing=
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, *_ = ist_ds.initialize(model=model, config=cfg, scoring_data=data)
-    from ist_ds.monitor import PeakStateProbe
+    from ist_ds.observe.monitor import PeakStateProbe
 
     probe = PeakStateProbe(engine.ist.controller.gate.optimizer)  # state bytes during each step
     if stage == 3:  # ZeRO-3's memory-efficient linear, swapped for ist_ds's selective one
@@ -301,7 +301,7 @@ def _ds_equivalence(rank, world, stage):
 def test_two_ranks_match_single_process_trainer(stage):
     """ZeRO-3 also runs ist_ds's selective linear (inputs of frozen linears not saved for backward)."""
     from ist_ds.core import ISTConfig
-    from ist_ds.trainer import SingleProcessTrainer
+    from ist_ds.backends.single import SingleProcessTrainer
     from torch.utils.data import default_collate
 
     results = run_ranks(_ds_equivalence, 2, stage)

@@ -16,9 +16,9 @@ import torch
 import ist_ds.backends.deepspeed  # noqa: F401  imported once here, inherited by the forked ranks
 from distributed import run_ranks
 from test_deepspeed import make_data
-from ist_ds.checkpoint import (IST_STATE_FILE, MANIFEST_FILE, atomic_torch_save, read_latest, remove_stale_tmp,
+from ist_ds.runtime.checkpoint import (IST_STATE_FILE, MANIFEST_FILE, atomic_torch_save, read_latest, remove_stale_tmp,
                                verify_checkpoint, write_manifest)
-from ist_ds.errors import ISTCheckpointError, ISTConfigError
+from ist_ds.core.errors import ISTCheckpointError, ISTConfigError
 
 NUM_LAYERS = 4
 SEQ = 16
@@ -118,7 +118,7 @@ def test_latest_needs_a_manifest_and_stale_temporaries_go(tmp_path):
 
 # ---------------------------------------------------------------------- refused DeepSpeed setups
 def _tiny_model():
-    from ist_ds.models import apply_peft, build_model
+    from ist_ds.jobs.models import apply_peft, build_model
 
     return apply_peft(build_model("llama", seed=0, num_hidden_layers=NUM_LAYERS), "lora", r=4, alpha=8)
 
@@ -179,7 +179,7 @@ def _deepspeed_faults(rank, world, tmp):
     import torch.distributed as dist
 
     import ist_ds
-    from ist_ds.errors import ISTAgreementError
+    from ist_ds.core.errors import ISTAgreementError
 
     out = {}
     data = make_data()

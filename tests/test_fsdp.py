@@ -28,7 +28,7 @@ import ist_ds.backends.fsdp  # noqa: F401
 import torch.distributed.checkpoint  # noqa: F401
 import torch.distributed.fsdp  # noqa: F401
 from distributed import run_ranks
-from ist_ds.models import apply_peft, build_model
+from ist_ds.jobs.models import apply_peft, build_model
 
 NUM_LAYERS = 8
 SEQ = 16
@@ -200,7 +200,7 @@ def _modes(rank, world, tmp):
     out = {}
     for mode, target in (("keep", "host"), ("offload", "host"), ("offload", "disk"), ("drop", "host")):
         run = _setup(ist_block(mode, target, f"{tmp}/offload"), data, world)
-        from ist_ds.monitor import PeakStateProbe
+        from ist_ds.observe.monitor import PeakStateProbe
 
         probe = PeakStateProbe(run.optimizer)  # state bytes right after each (gated) optimizer step
         if mode == "keep":  # the one-collective gather equals DTensor.full_tensor()
@@ -279,7 +279,7 @@ def _single_process_run(data):
     from torch.utils.data import default_collate
 
     from ist_ds.core import ISTConfig
-    from ist_ds.trainer import SingleProcessTrainer
+    from ist_ds.backends.single import SingleProcessTrainer
 
     trainer = SingleProcessTrainer(make_model(), ISTConfig.from_dict(ist_block()), data, default_collate,
                                    lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
@@ -321,7 +321,7 @@ def _snapshot(run):
 
 
 def _resume(rank, world, tmp):
-    from ist_ds.errors import ISTCheckpointError
+    from ist_ds.core.errors import ISTCheckpointError
 
     _init()
     data = make_data()
@@ -354,7 +354,7 @@ def _resume(rank, world, tmp):
 
     import shutil
 
-    from ist_ds.checkpoint import write_manifest
+    from ist_ds.runtime.checkpoint import write_manifest
 
     bad, damaged = f"{tmp}/ckpt-bad", f"{tmp}/ckpt-damaged"
     if rank == 0:
@@ -527,8 +527,8 @@ def test_bf16_mixed_precision_and_activation_checkpointing():
 # ---------------------------------------------------------------------- 4: validation before sharding
 def test_config_errors_before_sharding():
     from ist_ds.backends.fsdp import setup
-    from ist_ds.errors import ISTConfigError, ISTModelError
-    from ist_ds.models import build_model
+    from ist_ds.core.errors import ISTConfigError, ISTModelError
+    from ist_ds.jobs.models import build_model
 
     model = make_model()
     with pytest.raises(ISTConfigError, match="unknown key"):

@@ -28,10 +28,10 @@ from torch.utils.data import default_collate
 
 from distributed import run_ranks
 from ist_ds.core import ISTConfig
-from ist_ds.errors import ISTConfigError, ISTModelError
-from ist_ds.layers import discover_for, discover_full_layers
-from ist_ds.models import build_model
-from ist_ds.suppression import suppress
+from ist_ds.core.errors import ISTConfigError, ISTModelError
+from ist_ds.model.layers import discover_for, discover_full_layers
+from ist_ds.jobs.models import build_model
+from ist_ds.model.suppression import suppress
 
 NUM_LAYERS = 4
 SEQ = 16
@@ -247,7 +247,7 @@ def make_data(n=48, seed=1):
 
 
 def test_single_process_trainer_full_mode():
-    from ist_ds.trainer import SingleProcessTrainer
+    from ist_ds.backends.single import SingleProcessTrainer
 
     data = make_data()
     model = build_model("llama", seed=0)
@@ -314,7 +314,7 @@ def _state_of(engine):
 
 def _masters_of(engine):
     """Clones of each block's fp32 masters that are in place (offload/drop park unselected ones: skipped)."""
-    from ist_ds.tensor_parking import storage_bytes
+    from ist_ds.optim.parking import storage_bytes
 
     gate = engine.ist.controller.gate
     return {layer: [t.detach().clone() for t in gate.masters(layer) if storage_bytes(t)] for layer in gate.all_layers}
@@ -354,7 +354,7 @@ def _train_full(rank, world, cfg, steps, data):
     mode = cfg["ist"]["optimizer_state"]
     model = build_model("llama", seed=0)
     engine, *_ = ist_ds.initialize(model=model, config=cfg, scoring_data=data)
-    from ist_ds.monitor import PeakStateProbe
+    from ist_ds.observe.monitor import PeakStateProbe
 
     probe = PeakStateProbe(engine.ist.controller.gate.optimizer)  # state bytes during each step
     ist = engine.ist
@@ -469,7 +469,7 @@ def _train_fsdp_full(rank, world, block, steps, data):
 
     from ist_ds.backends.fsdp import setup
 
-    from ist_ds.monitor import PeakStateProbe
+    from ist_ds.observe.monitor import PeakStateProbe
 
     mode = block["optimizer_state"]
     run = setup(build_model("llama", seed=0), block, mesh=init_device_mesh("cpu", (world,)), scoring_data=data,
@@ -590,7 +590,7 @@ def test_fsdp_refuses_delta_before_sharding():
 
 # ---------------------------------------------------------------------- the job runner
 def test_recipe_requires_peft_none_with_full_target():
-    from ist_ds.recipe import Recipe
+    from ist_ds.jobs.recipe import Recipe
 
     with pytest.raises(ISTConfigError, match="set peft.method: none"):
         Recipe.from_dict({"ist": {"target": "full"}})
@@ -612,8 +612,8 @@ def test_quickstart_full_job_single_process(tmp_path):
 
     from safetensors.torch import load_file
 
-    from ist_ds.data import ByteTokenizer
-    from ist_ds.recipe import Recipe
+    from ist_ds.jobs.data import ByteTokenizer
+    from ist_ds.jobs.recipe import Recipe
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "run"

@@ -60,7 +60,7 @@ def make_model():
     the ranks' thread pool unusable."""
     global _BASE_MODEL
     if _BASE_MODEL is None:
-        from ist_ds.models import apply_peft, build_model
+        from ist_ds.jobs.models import apply_peft, build_model
 
         _BASE_MODEL = apply_peft(build_model("llama", seed=0, num_hidden_layers=NUM_LAYERS), "lora", r=4, alpha=8)
     return copy.deepcopy(_BASE_MODEL)
@@ -295,7 +295,7 @@ def test_trainer_fsdp2_freezing_agreement_and_resume(tmp_path):
 # ---------------------------------------------------------------------- no distributed run needed
 def test_read_ist_config():
     from ist_ds.core import ISTConfig
-    from ist_ds.errors import ISTConfigError
+    from ist_ds.core.errors import ISTConfigError
     from ist_ds.integrations import read_ist_config
 
     block = {"train_layers": 2, "seed": 3}
@@ -314,7 +314,7 @@ def _regroup(rank, world):
     from accelerate.utils import DummyOptim
 
     from ist_ds.integrations.hf_trainer import _regroup_by_layer
-    from ist_ds.layers import discover_layers
+    from ist_ds.model.layers import discover_layers
 
     model = make_model()
     layer_map = discover_layers(model)

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from ist_ds.errors import ISTConfigError
-from ist_ds.recipe import Recipe
+from ist_ds.core.errors import ISTConfigError
+from ist_ds.jobs.recipe import Recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -36,8 +36,8 @@ def test_quickstart_under_deepspeed_launcher(tmp_path):
     # The adapter loads into plain peft.
     from peft import PeftModel
 
-    from ist_ds.data import ByteTokenizer
-    from ist_ds.models import build_model
+    from ist_ds.jobs.data import ByteTokenizer
+    from ist_ds.jobs.models import build_model
 
     recipe = Recipe.from_yaml(os.path.join(ROOT, "configs/quickstart.yaml"))
     tok = ByteTokenizer()
@@ -66,7 +66,7 @@ def test_recipe_errors(raw, needle):
 
 
 def test_world_size_must_divide_the_global_batch():
-    from ist_ds.run_backends import deepspeed_config
+    from ist_ds.jobs.adapters import deepspeed_config
 
     recipe = Recipe.from_dict({"training": {"micro_batch_size": 4, "global_batch_size": 16}})
     with pytest.raises(ISTConfigError, match="world size 3"):

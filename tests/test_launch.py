@@ -27,8 +27,8 @@ from distributed import free_port, run_ranks
 from test_job import ROOT, VENV_BIN, _env
 
 from ist_ds.core import ISTConfig
-from ist_ds.dist_env import ISTLaunchError, discover, expand_nodelist, first_slurm_host, tasks_on_node
-from ist_ds.recipe import Recipe
+from ist_ds.jobs.dist_env import ISTLaunchError, discover, expand_nodelist, first_slurm_host, tasks_on_node
+from ist_ds.jobs.recipe import Recipe
 
 PYTHON = os.path.join(VENV_BIN, "python")
 ENTRY = "tests/launch_entry.py"
@@ -231,7 +231,7 @@ def test_stuck_join_is_reported_with_the_stale_build_lock(tmp_path):
     load waits forever; joining the job is bounded and names the lock to delete."""
     from torch.utils.file_baton import FileBaton
 
-    from ist_ds.dist_env import _deadline
+    from ist_ds.jobs.dist_env import _deadline
 
     lock = tmp_path / "lock"
     lock.touch()
@@ -245,7 +245,7 @@ def test_stuck_join_is_reported_with_the_stale_build_lock(tmp_path):
 def test_mpi4py_agrees_on_master_under_mpirun(tmp_path):
     """mpirun without MASTER_ADDR/PORT: the ranks agree via mpi4py; one host means 127.0.0.1."""
     probe = ("import json, sys, types; pkg = types.ModuleType('ist_ds'); pkg.__path__ = ['ist_ds']; "
-             "sys.modules['ist_ds'] = pkg; from ist_ds.dist_env import discover; e = discover(); "
+             "sys.modules['ist_ds'] = pkg; from ist_ds.jobs.dist_env import discover; e = discover(); "
              "print('PROBE', json.dumps({k: e[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', "
              "'MASTER_PORT')}))")
     cmd = ["mpirun", "-n", "2", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "--mca", "btl",
@@ -348,7 +348,7 @@ def test_every_shipped_config_loads():
     (the "auto" values filled) into DeepSpeed's own config parser."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from ist_ds.run_backends import deepspeed_config
+    from ist_ds.jobs.adapters import deepspeed_config
 
     files = sorted(glob.glob(os.path.join(ROOT, "configs", "*")))
     names = {os.path.basename(p) for p in files}
@@ -416,8 +416,8 @@ def test_readme_own_loop_config_builds_no_jit_op():
 def _train_shipped_ds_configs(rank, world, paths, ext_dir):
     os.environ["TORCH_EXTENSIONS_DIR"] = ext_dir
     import ist_ds
-    from ist_ds.dist_env import init_distributed
-    from ist_ds.run_backends import deepspeed_config
+    from ist_ds.jobs.dist_env import init_distributed
+    from ist_ds.jobs.adapters import deepspeed_config
     from test_deepspeed import make_data, make_model
 
     init_distributed("deepspeed", backend="gloo", timeout_s=120)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from ist_ds.errors import ISTConfigError, ISTModelError
-from ist_ds.layers import LayerMap, discover_layers, set_trainable
-from ist_ds.models import ARCHS, DEFAULT_TARGET_MODULES, METHODS, apply_peft, build_model
-from ist_ds.suppression import suppress, uses_scaling
+from ist_ds.core.errors import ISTConfigError, ISTModelError
+from ist_ds.model.layers import LayerMap, discover_layers, set_trainable
+from ist_ds.jobs.models import ARCHS, DEFAULT_TARGET_MODULES, METHODS, apply_peft, build_model
+from ist_ds.model.suppression import suppress, uses_scaling
 
 NUM_LAYERS = 4
 # GPT-2's c_proj suffix matches the attention and the MLP projection: 4 tuner layers per block.
@@ -37,7 +37,7 @@ def _perturb(model: torch.nn.Module, seed: int = 0, magnitude: bool = False) -> 
     """Give every adapter parameter a random non-trivial value.
 
     DoRA's magnitude vector is left at its initial ``||W||`` unless ``magnitude`` is set, so that
-    suppressing DoRA with scale 0 is still the base model (see ist_ds.suppression).
+    suppressing DoRA with scale 0 is still the base model (see ist_ds.model.suppression).
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_ambiguous_block_lists_need_blocks_path(caplog: pytest.LogCaptureFixture
     model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj"]), EncDec())
     with pytest.raises(ISTModelError, match="blocks_path"):
         discover_layers(model)
-    with caplog.at_level(logging.WARNING, logger="ist_ds.layers"):
+    with caplog.at_level(logging.WARNING, logger="ist_ds.model.layers"):
         layer_map = discover_layers(model, blocks_path="enc")
     assert layer_map.num_layers == 2
     assert {n.split(".")[0] for n, _ in layer_map.outside_params} == {"dec"}

@@ -1,6 +1,6 @@
 """Monitoring: TensorBoard scalars of a 2-rank DeepSpeed job and a single-process job, the report, the bar.
 
-One 2-rank DeepSpeed job (ranks forked from this process, ``ist_ds.runner.run`` in each) and one
+One 2-rank DeepSpeed job (ranks forked from this process, ``ist_ds.jobs.runner.run`` in each) and one
 single-process job run once per module; the tests read their event files back.
 """
 
@@ -14,7 +14,7 @@ import os
 import pytest
 
 from distributed import run_ranks
-from ist_ds.recipe import Recipe
+from ist_ds.jobs.recipe import Recipe
 
 LAYERS = 4
 STEPS, LOG_EVERY, UPDATE_EVERY, EVAL_EVERY = 12, 4, 3, 6
@@ -37,7 +37,7 @@ def _recipe(out, backend="deepspeed", strategy="ist", **ist):
 
 
 def _job(rank, world, recipe):
-    from ist_ds.runner import run
+    from ist_ds.jobs.runner import run
 
     return run(recipe)
 
@@ -52,7 +52,7 @@ def runs(tmp_path_factory):
 
 
 def _scalars(run_dir):
-    from ist_ds.report import read_scalars
+    from ist_ds.observe.report import read_scalars
 
     return read_scalars(str(run_dir))
 
@@ -122,7 +122,7 @@ def _nontrivial_png(path):
 
 
 def test_report_renders_plots_and_markdown(runs, tmp_path):
-    from ist_ds.cli import main
+    from ist_ds.jobs.cli import main
 
     ist_dir, rst_dir = runs
     out = tmp_path / "report"
@@ -138,7 +138,7 @@ def test_report_renders_plots_and_markdown(runs, tmp_path):
 
 
 def test_report_errors(tmp_path, capsys):
-    from ist_ds.cli import main
+    from ist_ds.jobs.cli import main
 
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
@@ -152,8 +152,8 @@ def test_report_errors(tmp_path, capsys):
 def test_report_merges_a_resumed_runs_event_files(tmp_path):
     import time
 
-    from ist_ds.monitor import SummaryWriterMonitor
-    from ist_ds.report import read_scalars
+    from ist_ds.observe.monitor import SummaryWriterMonitor
+    from ist_ds.observe.report import read_scalars
 
     first = SummaryWriterMonitor(str(tmp_path / "tensorboard" / "train"))
     for step in (0, 4, 8, 12):  # the first run got to step 12, its last checkpoint was step 8
@@ -173,8 +173,8 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_bar_and_logging_share_the_terminal():
-    from ist_ds.console import setup_logging
-    from ist_ds.monitor import Progress
+    from ist_ds.observe.console import setup_logging
+    from ist_ds.observe.monitor import Progress
 
     term = _Terminal()
     root = logging.getLogger("ist_ds")
@@ -186,7 +186,7 @@ def test_progress_bar_and_logging_share_the_terminal():
         bar = Progress(3, "train", enabled=True, stream=term)
         assert bar.active
         bar.step(loss=1.2345, tokens=4000, seconds=0.5, layers=[1, 3], num_layers=4)
-        logging.getLogger("ist_ds.runner").info("a log line")
+        logging.getLogger("ist_ds.jobs.runner").info("a log line")
         bar.step(loss=1.1, tokens=4000, seconds=0.5, layers=[0, 1, 2, 3], num_layers=4)
         bar.close()
     finally:

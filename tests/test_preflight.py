@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from ist_ds.cli import main
-from ist_ds.recipe import Recipe
+from ist_ds.jobs.cli import main
+from ist_ds.jobs.recipe import Recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--config", os.path.join(ROOT, "configs/quickstart.yaml"), "--set", "training.max_steps=2",
@@ -118,7 +118,7 @@ def test_check_validates_a_recipe_without_loading_weights(tmp_path, capsys):
 
 
 def _job(rank, world, recipe, **kwargs):
-    from ist_ds.runner import run
+    from ist_ds.jobs.runner import run
 
     return run(recipe, **kwargs)
 
@@ -139,7 +139,7 @@ def test_stop_leaves_a_checkpoint_and_resume_keeps_the_loss_history(tmp_path):
     assert [p["step"] for p in history] == [1, 2]
 
     # Python's random was seeded per rank before training: the saved state is the seeded one.
-    from ist_ds.runner import seed_rank
+    from ist_ds.jobs.runner import seed_rank
 
     saved = torch.load(out / "checkpoints" / "step2" / "rng_rank0.pt", weights_only=True)["python"]
     seed_rank(7, 0)
@@ -158,7 +158,7 @@ def test_stop_leaves_a_checkpoint_and_resume_keeps_the_loss_history(tmp_path):
 
 
 def test_python_random_is_seeded_per_rank():
-    from ist_ds.runner import seed_rank
+    from ist_ds.jobs.runner import seed_rank
 
     draws = []
     for rank in (0, 1, 0):

@@ -14,8 +14,8 @@ import pytest
 import torch
 from distributed import run_ranks
 
-from ist_ds.errors import ISTConfigError, ISTModelError
-from ist_ds.recipe import Recipe
+from ist_ds.core.errors import ISTConfigError, ISTModelError
+from ist_ds.jobs.recipe import Recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,7 +88,7 @@ def test_gguf_file_is_converted_once_into_a_cached_hf_directory(tmp_path, monkey
     a second resolution reuses it without loading the GGUF file again."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import ist_ds.pretrained as pretrained
+    import ist_ds.jobs.pretrained as pretrained
 
     model_dir, cache = tmp_path / "models", tmp_path / "cache"
     model_dir.mkdir()
@@ -133,13 +133,13 @@ def test_gguf_file_is_converted_once_into_a_cached_hf_directory(tmp_path, monkey
 
 
 def _job(rank, world, recipe):
-    from ist_ds.runner import run
+    from ist_ds.jobs.runner import run
 
     return run(recipe)
 
 
 def test_model_path_errors(tmp_path):
-    from ist_ds.pretrained import model_directory
+    from ist_ds.jobs.pretrained import model_directory
 
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ISTModelError, match="has no config.json"):
@@ -181,8 +181,8 @@ def test_model_recipe_errors(raw, needle):
 def test_any_autoconfig_architecture_builds_and_trains_with_ist(arch):
     """model.arch is any causal-LM model_type transformers knows, not a fixed list: a tiny one is built, LoRA
     (default Llama projections where the model has them) and IST find its layers, and a step trains."""
-    from ist_ds.layers import discover_layers
-    from ist_ds.models import apply_peft, build_model
+    from ist_ds.model.layers import discover_layers
+    from ist_ds.jobs.models import apply_peft, build_model
 
     recipe = Recipe.from_dict({"model": {"arch": arch, "config": {"num_hidden_layers": 3}}})
     model = build_model(recipe.model.arch, seed=0, **recipe.model.config)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ist_ds.errors import ISTConfigError
+from ist_ds.core.errors import ISTConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,10 +22,10 @@ def _load(path: str, name: str):
 def test_fsdp_wrapper_is_launch_train_with_the_fsdp_recipe(monkeypatch):
     import runpy
 
-    import ist_ds.cli
+    import ist_ds.jobs.cli
 
     calls = []
-    monkeypatch.setattr(ist_ds.cli, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(ist_ds.jobs.cli, "main", lambda argv: calls.append(argv) or 0)
     for argv, config in ((["--set", "training.max_steps=3"], os.path.join("configs", "fsdp_ist.yaml")),
                          (["--config", "mine.yaml", "--resume"], "mine.yaml")):
         monkeypatch.setattr("sys.argv", ["launch/fsdp_train.py", *argv])
@@ -67,8 +67,8 @@ def test_trainer_launcher_takes_the_recipe_and_command_line_flags_win(tmp_path, 
 def test_data_fallback_when_the_training_data_is_missing(tmp_path):
     """configs/smollm2_commonsense.yaml reads ../shared/data/commonsense where it exists and the embedded task
     where it does not (a user's fresh clone)."""
-    from ist_ds.recipe import Recipe
-    from ist_ds.runner import train_data_source
+    from ist_ds.jobs.recipe import Recipe
+    from ist_ds.jobs.runner import train_data_source
 
     missing = Recipe.from_dict({"data": {"train": str(tmp_path / "nope"), "fallback": "embedded"}})
     assert train_data_source(missing) == "embedded"

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from distributed import run_ranks
-from ist_ds.errors import ISTCheckpointError
-from ist_ds.recipe import Recipe
+from ist_ds.core.errors import ISTCheckpointError
+from ist_ds.jobs.recipe import Recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -38,7 +38,7 @@ def recipe(out, stage=2, mode="offload", dtype="float32", **training):
 
 
 def _job(rank, world, r, resume=False):
-    from ist_ds.runner import run
+    from ist_ds.jobs.runner import run
 
     return run(r, resume=resume)
 
@@ -119,7 +119,7 @@ def test_damaged_and_foreign_checkpoints_are_refused(tmp_path):
 
 
 def test_pickled_code_is_not_executed(tmp_path):
-    from ist_ds.checkpoint import safe_load
+    from ist_ds.runtime.checkpoint import safe_load
 
     class Evil:
         def __reduce__(self):

@@ -3,9 +3,9 @@
 import torch
 from torch.utils.data import default_collate
 
-from ist_ds.models import apply_peft, build_model
-from ist_ds.recipe import Recipe
-from ist_ds.run_backends import SingleRun, warmup_decay
+from ist_ds.jobs.models import apply_peft, build_model
+from ist_ds.jobs.recipe import Recipe
+from ist_ds.jobs.adapters import SingleRun, warmup_decay
 
 
 def test_single_backend_warms_up_and_decays_like_the_others():

@@ -5,9 +5,9 @@ import torch
 from torch.utils.data import default_collate
 
 from ist_ds.core import ISTConfig
-from ist_ds.errors import ISTConfigError, ISTModelError
-from ist_ds.models import apply_peft, build_model
-from ist_ds.trainer import SingleProcessTrainer
+from ist_ds.core.errors import ISTConfigError, ISTModelError
+from ist_ds.jobs.models import apply_peft, build_model
+from ist_ds.backends.single import SingleProcessTrainer
 
 L = 6
 

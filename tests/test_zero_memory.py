@@ -36,14 +36,14 @@ def _lora(layer_map, stage):
 def _run(rank, world, stage, mode, data):
     import ist_ds
     from ist_ds.backends.zero_memory import zero_gradient_bytes
-    from ist_ds.tensor_parking import storage_bytes
+    from ist_ds.optim.parking import storage_bytes
 
     cfg = T.ds_config(stage, mode or "keep", bf16=True, scheduler=False)
     if stage == 3:  # several ZeRO-3 sub-groups per layer
         cfg["zero_optimization"]["sub_group_size"] = SUB_GROUP_SIZE
     if mode is None:
         cfg["ist"] = {"enabled": False}
-    from ist_ds.layers import discover_layers
+    from ist_ds.model.layers import discover_layers
 
     model = T.make_model()
     layer_map = discover_layers(model)  # before anything freezes parameters

@@ -8,7 +8,7 @@ What it does around ``deepspeed.initialize``:
    layer index (DeepSpeed keeps extra keys in group dicts), keeping the caller's group options;
 3. after DeepSpeed built its engine, wraps the *basic* optimizer (``engine.basic_optimizer``: the
    torch or DeepSpeed optimizer that ZeRO, the bf16 optimizer or plain stage 0 call) with an
-   :class:`~ist_ds.optimizer_gate.OptimizerGate`, so unselected layers' groups are not stepped;
+   :class:`~ist_ds.optim.gate.OptimizerGate`, so unselected layers' groups are not stepped;
 4. wraps ``engine.step`` so that after each real optimizer step (``engine.global_steps`` moved;
    micro-steps of gradient accumulation do nothing) the controller runs the importance update,
    draws the next selection, sets ``requires_grad`` for it and moves optimizer state;
@@ -17,7 +17,7 @@ What it does around ``deepspeed.initialize``:
    optimizer for the save, the IST state and per-rank RNG states are written beside DeepSpeed's
    files, a checksum manifest of every file and then ``latest`` are published last and atomically;
    a load first verifies the manifest on every rank together, refuses another world size, and reads
-   every file as plain data (see :mod:`ist_ds.checkpoint`).
+   every file as plain data (see :mod:`ist_ds.runtime.checkpoint`).
 
 Setups IST cannot run correctly (partial or NVMe offload, pipeline parallelism) are refused at
 ``initialize`` (:mod:`ist_ds.backends.deepspeed_support`).
@@ -42,18 +42,18 @@ import torch
 from ist_ds.backends import zero3_linear
 from ist_ds.backends.deepspeed_support import refuse_unsupported
 from ist_ds.backends.zero_memory import ZeroMemory, install_zero_memory
-from ist_ds.checkpoint import (IST_STATE_FILE, atomic_torch_save, check_world_size, publish_latest, read_latest,
+from ist_ds.runtime.checkpoint import (IST_STATE_FILE, atomic_torch_save, check_world_size, publish_latest, read_latest,
                                 remove_stale_tmp, rng_file, rng_state, safe_load, set_rng_state, verify_checkpoint,
                                 write_manifest)
-from ist_ds.collectives import default_collectives
+from ist_ds.runtime.collectives import default_collectives
 from ist_ds.compat import deepspeed as ds_compat
-from ist_ds.controller import ISTController, ISTView
+from ist_ds.runtime.controller import ISTController, ISTView
 from ist_ds.core import ISTConfig
-from ist_ds.errors import ISTCheckpointError, ISTConfigError
-from ist_ds.layers import LayerMap, discover_for, set_trainable
-from ist_ds.optimizer_gate import LAYER_KEY
-from ist_ds.param_groups import layer_param_groups
-from ist_ds.trainer import build_controller
+from ist_ds.core.errors import ISTCheckpointError, ISTConfigError
+from ist_ds.model.layers import LayerMap, discover_for, set_trainable
+from ist_ds.optim.gate import LAYER_KEY
+from ist_ds.model.param_groups import layer_param_groups
+from ist_ds.backends.single import build_controller
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ist_ds.errors import ISTConfigError
+from ist_ds.core.errors import ISTConfigError
 
 
 def refuse_unsupported(ds_config: dict, model: Any = None, mpu: Any = None) -> None:

@@ -3,7 +3,7 @@
 What :func:`setup` does, in order:
 
 1. validates the ``ist`` block (the same schema and errors as the DeepSpeed backend's) against the
-   model's transformer blocks, found with :func:`~ist_ds.layers.discover_for` (PEFT or full mode);
+   model's transformer blocks, found with :func:`~ist_ds.model.layers.discover_for` (PEFT or full mode);
 2. optionally applies activation checkpointing to every block (``torch.distributed._composable
    .checkpoint``, which keeps parameter names unchanged);
 3. calls ``fully_shard`` on every transformer block, then on the root, over a 1-D device mesh
@@ -15,7 +15,7 @@ What :func:`setup` does, in order:
    block frozen then would later reduce its gradients in the parameter dtype (bf16 under mixed
    precision) and fail when IST selects it;
 6. builds the optimizer (torch AdamW by default) with one param group per layer, wraps it with the
-   :class:`~ist_ds.optimizer_gate.OptimizerGate` through :func:`~ist_ds.trainer.build_controller`,
+   :class:`~ist_ds.optim.gate.OptimizerGate` through :func:`~ist_ds.backends.single.build_controller`,
    and draws the first selection.
 
 Freezing under FSDP2 is exact: a parameter with ``requires_grad=False`` gets no unsharded gradient,
@@ -35,7 +35,7 @@ Checkpoints (:meth:`FSDPIST.save_checkpoint` / :meth:`FSDPIST.load_checkpoint`) 
 ``torch.distributed.checkpoint`` directories holding the sharded model and optimizer state plus one
 small ``ist_state.pt`` with the IST state (and the LR scheduler's, written by rank 0), each rank's RNG
 state (``rng_rank<r>.pt``) and a checksum manifest verified before anything is loaded
-(:mod:`ist_ds.checkpoint`); docs/fsdp.md describes the layout and resharding.
+(:mod:`ist_ds.runtime.checkpoint`); docs/fsdp.md describes the layout and resharding.
 """
 
 from __future__ import annotations
@@ -59,17 +59,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from ist_ds.checkpoint import (IST_STATE_FILE, atomic_torch_save, remove_stale_tmp, rng_file, rng_state, safe_load,
+from ist_ds.runtime.checkpoint import (IST_STATE_FILE, atomic_torch_save, remove_stale_tmp, rng_file, rng_state, safe_load,
                                 set_rng_state, verify_checkpoint, write_manifest)
-from ist_ds.collectives import LocalCollectives, TorchCollectives
-from ist_ds.controller import ISTController, ISTView
+from ist_ds.runtime.collectives import LocalCollectives, TorchCollectives
+from ist_ds.runtime.controller import ISTController, ISTView
 from ist_ds.core import ISTConfig
-from ist_ds.errors import ISTCheckpointError, ISTConfigError, ISTModelError
-from ist_ds.layers import LayerMap, discover_for
-from ist_ds.optimizer_gate import LAYER_KEY, OptimizerGate
-from ist_ds.optimizer_state import live_state_bytes
-from ist_ds.param_groups import layer_param_groups
-from ist_ds.trainer import build_controller
+from ist_ds.core.errors import ISTCheckpointError, ISTConfigError, ISTModelError
+from ist_ds.model.layers import LayerMap, discover_for
+from ist_ds.optim.gate import LAYER_KEY, OptimizerGate
+from ist_ds.optim.state_store import live_state_bytes
+from ist_ds.model.param_groups import layer_param_groups
+from ist_ds.backends.single import build_controller
 
 logger = logging.getLogger(__name__)
 
@@ -469,8 +469,8 @@ def setup(model: torch.nn.Module, ist_config: ISTConfig | Mapping[str, Any] | No
         lr_scheduler_factory: ``factory(optimizer) -> scheduler``, stepped by :meth:`FSDPIST.step`
             and saved in checkpoints.
 
-    Raises :class:`~ist_ds.errors.ISTConfigError` for a bad ``ist`` block or arguments and
-    :class:`~ist_ds.errors.ISTModelError` for a model without PEFT adapters, before any sharding.
+    Raises :class:`~ist_ds.core.errors.ISTConfigError` for a bad ``ist`` block or arguments and
+    :class:`~ist_ds.core.errors.ISTModelError` for a model without PEFT adapters, before any sharding.
     """
     config = ist_config if isinstance(ist_config, ISTConfig) else ISTConfig.from_dict(ist_config)
     if config.target == "full" and config.full_suppression == "delta":

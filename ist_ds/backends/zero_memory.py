@@ -2,11 +2,11 @@
 
 ZeRO counts as optimizer memory the fp32 master partition plus Adam's two moments (12 of the 16 bytes
 per parameter of mixed-precision Adam), and holds a gradient partition per parameter on top. The
-optimizer gate (:mod:`ist_ds.optimizer_gate`) keeps unselected layers from being stepped and the state
+optimizer gate (:mod:`ist_ds.optim.gate`) keeps unselected layers from being stepped and the state
 store moves their moments; this module does the rest, for DeepSpeed's ZeRO-1/2 and ZeRO-3 optimizers:
 
 **Masters follow the state.** With ``optimizer_state: offload`` or ``drop`` the fp32 master partition
-of a layer leaving the selection is *parked* (:mod:`ist_ds.tensor_parking`: copied to host memory or
+of a layer leaving the selection is *parked* (:mod:`ist_ds.optim.parking`: copied to host memory or
 to ``offload_dir``, its storage shrunk to 0 bytes in place, so DeepSpeed's views of it stay valid) and
 unparked, bit-identical, when the layer is selected again. ``drop`` frees moments but never a master:
 a master rebuilt from bf16 weights would lose the low bits of every update. Masters are left alone
@@ -50,8 +50,8 @@ from typing import Callable
 import torch
 
 from ist_ds.compat import deepspeed as ds
-from ist_ds.optimizer_gate import LAYER_KEY
-from ist_ds.tensor_parking import CopyStream, Parked, can_park, park, storage_bytes, unpark
+from ist_ds.optim.gate import LAYER_KEY
+from ist_ds.optim.parking import CopyStream, Parked, can_park, park, storage_bytes, unpark
 
 logger = logging.getLogger(__name__)
 

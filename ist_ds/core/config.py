@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ist_ds.errors import ISTConfigError
+from ist_ds.core.errors import ISTConfigError
 
 STRATEGIES = ("ist", "rst", "all")
 OPTIMIZER_STATE_MODES = ("keep", "offload", "drop")

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ist_ds.core.config import ISTConfig
-from ist_ds.errors import ISTCheckpointError
+from ist_ds.core.errors import ISTCheckpointError
 
 # Suppression sets are redrawn while they repeat an earlier one (as the reference does). With very
 # skewed scores a distinct set can become astronomically unlikely; stop instead of spinning forever.

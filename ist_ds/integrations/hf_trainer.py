@@ -15,17 +15,17 @@ with Adam's momentum; one frozen before is never trained). IST needs three thing
 reach, so :class:`ISTTrainerMixin` overrides the Trainer methods that own them:
 
 - ``create_optimizer``: the optimizer gets one param group per transformer layer, tagged with the
-  layer index (:func:`~ist_ds.param_groups.layer_param_groups`), keeping the Trainer's own groups
+  layer index (:func:`~ist_ds.model.param_groups.layer_param_groups`), keeping the Trainer's own groups
   (its weight-decay split, its optimizer class and arguments). With an ``optimizer`` section in the
   DeepSpeed config, the parameters Trainer hands to DeepSpeed are regrouped the same way.
 - the optimizer that is really stepped exists only once Trainer/accelerate ran
   ``deepspeed.initialize`` (or wrapped the model for FSDP/DDP): at ``on_train_begin`` the
-  :class:`~ist_ds.optimizer_gate.OptimizerGate` wraps ``engine.basic_optimizer`` under DeepSpeed
+  :class:`~ist_ds.optim.gate.OptimizerGate` wraps ``engine.basic_optimizer`` under DeepSpeed
   (what ZeRO 0-3 call per param group), or the torch optimizer inside accelerate's wrapper
-  otherwise, and the :class:`~ist_ds.controller.ISTController` is built around it.
+  otherwise, and the :class:`~ist_ds.runtime.controller.ISTController` is built around it.
 - checkpoints: ``_save_checkpoint`` writes the IST state to ``ist_state.pt`` in the checkpoint
   folder (and, once Trainer wrote its files, a checksum manifest that ``train`` verifies on every
-  rank before resuming; :mod:`ist_ds.checkpoint`), and puts offloaded optimizer state back (and every IST layer back to trainable) while
+  rank before resuming; :mod:`ist_ds.runtime.checkpoint`), and puts offloaded optimizer state back (and every IST layer back to trainable) while
   Trainer saves the model and optimizer (``save_model`` too), so nothing of an unselected layer is
   left out; ``train`` remembers ``resume_from_checkpoint`` so that the state is read back when
   training resumes; under FSDP2, ``_load_optimizer_and_scheduler`` lets torch.distributed.checkpoint
@@ -51,21 +51,21 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import is_datasets_available
 
-from ist_ds.checkpoint import IST_STATE_FILE, MANIFEST_FILE, atomic_torch_save, safe_load, verify_checkpoint, write_manifest
-from ist_ds.collectives import default_collectives
-from ist_ds.controller import ISTController
+from ist_ds.runtime.checkpoint import IST_STATE_FILE, MANIFEST_FILE, atomic_torch_save, safe_load, verify_checkpoint, write_manifest
+from ist_ds.runtime.collectives import default_collectives
+from ist_ds.runtime.controller import ISTController
 from ist_ds.core import ISTConfig
-from ist_ds.errors import ISTConfigError
-from ist_ds.layers import LayerMap, discover_layers, set_trainable
-from ist_ds.optimizer_gate import LAYER_KEY
-from ist_ds.param_groups import layer_param_groups
+from ist_ds.core.errors import ISTConfigError
+from ist_ds.model.layers import LayerMap, discover_layers, set_trainable
+from ist_ds.optim.gate import LAYER_KEY
+from ist_ds.model.param_groups import layer_param_groups
 from ist_ds.backends import zero3_linear
 from ist_ds.backends.deepspeed_support import refuse_unsupported
 from ist_ds.backends.zero_memory import install_zero_memory
-from ist_ds.trainer import build_controller
+from ist_ds.backends.single import build_controller
 
 try:  # layer discovery for the config's target (PEFT blocks, or whole blocks in full mode)
-    from ist_ds.layers import discover_for as _discover
+    from ist_ds.model.layers import discover_for as _discover
 except ImportError:  # a version without full-layer mode
     def _discover(model: torch.nn.Module, config: ISTConfig) -> LayerMap:
         return discover_layers(model, config.blocks_path)
@@ -186,7 +186,7 @@ class ISTTrainerMixin:
     - ``ist_log_layers``: add per-layer scores and training frequencies to the training logs
       (default True).
 
-    After ``train()`` began, ``trainer.ist`` is the :class:`~ist_ds.controller.ISTController`
+    After ``train()`` began, ``trainer.ist`` is the :class:`~ist_ds.runtime.controller.ISTController`
     (``selected_layers``, ``scores``, ``step``, ``selection_counts``, ``state_dict()``).
     """
 
@@ -511,7 +511,7 @@ class ISTTrainer(ISTTrainerMixin, Trainer):
 # ---------------------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def _safe_deepspeed_loads():
-    """While Trainer resumes: DeepSpeed reads its checkpoint files as plain data (ist_ds.checkpoint.safe_load).
+    """While Trainer resumes: DeepSpeed reads its checkpoint files as plain data (ist_ds.runtime.checkpoint.safe_load).
 
     Trainer builds the engine and loads its checkpoint inside ``train``, before any callback runs, so
     the engine's checkpoint engine is patched at the class for that time.

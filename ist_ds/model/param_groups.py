@@ -13,8 +13,8 @@ from typing import Iterable
 
 import torch
 
-from ist_ds.layers import LayerMap
-from ist_ds.optimizer_gate import LAYER_KEY
+from ist_ds.model.layers import LayerMap
+from ist_ds.optim.gate import LAYER_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import re
 
 import torch
 
-from ist_ds.errors import ISTCheckpointError
+from ist_ds.core.errors import ISTCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def _listing(tag_dir: str) -> list[str]:
 
 
 def _local_comm():
-    from ist_ds.collectives import LocalCollectives
+    from ist_ds.runtime.collectives import LocalCollectives
 
     return LocalCollectives()
 

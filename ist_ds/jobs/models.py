@@ -22,12 +22,12 @@ import transformers
 from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
-from ist_ds.errors import ISTConfigError
+from ist_ds.core.errors import ISTConfigError
 
 logger = logging.getLogger(__name__)
 
 #: Token ids of the byte-level toy vocabulary: bytes are 0..255, then these three.
-# The byte tokenizer's special ids (ist_ds.data.tokenizer.ByteTokenizer), so that a model built here
+# The byte tokenizer's special ids (ist_ds.jobs.data.tokenizer.ByteTokenizer), so that a model built here
 # and that tokenizer agree without any configuration.
 PAD_TOKEN_ID = 256
 BOS_TOKEN_ID = 257

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 
-from ist_ds.errors import ISTModelError
+from ist_ds.core.errors import ISTModelError
 
 logger = logging.getLogger(__name__)
 

@@ -130,7 +130,7 @@ class PeakStateProbe:
     """
 
     def __init__(self, optimizer) -> None:
-        from ist_ds.optimizer_state import live_state_bytes
+        from ist_ds.optim.state_store import live_state_bytes
 
         self.peak = 0
         inner = optimizer.step

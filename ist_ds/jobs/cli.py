@@ -2,9 +2,9 @@
 
 ``ist-ds train --config RECIPE.yaml [--set section.key=value ...] [--resume]`` runs a job under any
 launcher; ``ist-ds check RECIPE.yaml [--world-size N]`` (or ``train --check``) validates a recipe
-completely in seconds without training (ist_ds/preflight.py); ``ist-ds report RUN_DIR [RUN_DIR ...]
+completely in seconds without training (ist_ds/jobs/preflight.py); ``ist-ds report RUN_DIR [RUN_DIR ...]
 --out DIR`` renders plots and a Markdown summary of finished runs (docs/monitoring.md);
-``python -m ist_ds.cli`` is the same. A mistake the user can fix ends with one ``ist-ds: error:``
+``python -m ist_ds.jobs.cli`` is the same. A mistake the user can fix ends with one ``ist-ds: error:``
 line on stderr and exit code 2.
 """
 
@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from ist_ds.errors import ISTError
+from ist_ds.core.errors import ISTError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.allow_fresh_start and not args.resume:
         parser.error("--allow-fresh-start goes with --resume")
 
-    from ist_ds.recipe import Recipe
+    from ist_ds.jobs.recipe import Recipe
 
     try:
         recipe = Recipe.from_yaml(args.config) if args.config else Recipe()
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe = recipe.with_overrides(args.overrides)
         if args.command == "check" or args.check:
             return _check(recipe, args)
-        from ist_ds.runner import run
+        from ist_ds.jobs.runner import run
 
         run(recipe, resume=args.resume, allow_fresh_start=args.allow_fresh_start)
     except ISTError as e:
@@ -87,7 +87,7 @@ def _check(recipe, args: argparse.Namespace) -> int:
     """``ist-ds check``: every finding on stdout, every problem as one ``ist-ds: error:`` line on stderr."""
     import os
 
-    from ist_ds.preflight import check_recipe
+    from ist_ds.jobs.preflight import check_recipe
 
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     found = check_recipe(recipe, world, resume=args.resume, allow_fresh_start=args.allow_fresh_start)
@@ -104,8 +104,8 @@ def _check(recipe, args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ist_ds.console import setup_logging
-    from ist_ds.report import write_report
+    from ist_ds.observe.console import setup_logging
+    from ist_ds.observe.report import write_report
 
     setup_logging()
     log = logging.getLogger("ist_ds")

@@ -5,7 +5,7 @@ no network and no downloaded tokenizer. Bytes need no vocabulary file, cover eve
 the vocabulary (259 ids) small enough for a ~100k-parameter model. Its ids are fixed by definition,
 so :meth:`ByteTokenizer.save_pretrained` only records *which* tokenizer a run used.
 
-Everything else in :mod:`ist_ds.data` talks to tokenizers through :func:`encode_with` plus the
+Everything else in :mod:`ist_ds.jobs.data` talks to tokenizers through :func:`encode_with` plus the
 ``pad_token_id`` / ``eos_token_id`` attributes, which both kinds have.
 """
 
@@ -16,7 +16,7 @@ import logging
 import os
 from typing import Any, Iterable
 
-from ist_ds.errors import ISTDataError
+from ist_ds.core.errors import ISTDataError
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ist_ds.errors import ISTConfigError, ISTModelError
+from ist_ds.core.errors import ISTConfigError, ISTModelError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class LayerMap:
     outside_params: list[tuple[str, torch.nn.Parameter]]
     #: ``"peft"``: the layers' params are PEFT parameters; ``"full"``: the blocks' own weights.
     target: str = "peft"
-    #: Full mode: how ist_ds.suppression damps a block while scoring (``residual`` or ``delta``).
+    #: Full mode: how ist_ds.model.suppression damps a block while scoring (``residual`` or ``delta``).
     full_suppression: str = "residual"
     # Per-layer bare parameter lists, precomputed so set_trainable does no name handling per step.
     _param_lists: list[list[torch.nn.Parameter]] = field(init=False, repr=False)
@@ -263,7 +263,7 @@ def discover_full_layers(model: torch.nn.Module, blocks_path: str | None = None,
     model gives the same map.
 
     ``keep_initial`` keeps a host copy of every block IST parameter as found (``W0``) for
-    ``full_suppression: delta``; ``suppression`` is recorded in the map for ist_ds.suppression.
+    ``full_suppression: delta``; ``suppression`` is recorded in the map for ist_ds.model.suppression.
 
     Raises ``ISTConfigError`` for a bad ``blocks_path``, or a ``full_params`` / ``train_outside`` entry
     that matches no parameter; ``ISTModelError`` when no block list is found, a block has no parameter

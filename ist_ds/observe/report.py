@@ -1,7 +1,7 @@
 """``ist-ds report``: plots and a Markdown summary of one or more finished runs.
 
 Reads each run directory's TensorBoard event files (every ``events.out.tfevents.*`` below it, as
-written by :mod:`ist_ds.monitor`), its ``summary.json`` and ``recipe.yaml``, and writes into ``out``:
+written by :mod:`ist_ds.observe.monitor`), its ``summary.json`` and ``recipe.yaml``, and writes into ``out``:
 
 - ``loss.png``: training loss of every run over the optimizer steps (held-out loss as markers when
   it was evaluated during training);
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ist_ds.errors import ISTError
+from ist_ds.core.errors import ISTError
 
 logger = logging.getLogger(__name__)
 

@@ -72,8 +72,8 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lycoris_utils import LycorisLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ist_ds.errors import ISTConfigError, ISTModelError
-from ist_ds.layers import LayerMap
+from ist_ds.core.errors import ISTConfigError, ISTModelError
+from ist_ds.model.layers import LayerMap
 
 logger = logging.getLogger(__name__)
 

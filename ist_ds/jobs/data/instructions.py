@@ -16,8 +16,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ist_ds.data.tokenizer import encode_with
-from ist_ds.errors import ISTDataError
+from ist_ds.jobs.data.tokenizer import encode_with
+from ist_ds.core.errors import ISTDataError
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from ist_ds.errors import ISTConfigError, ISTError
-from ist_ds.recipe import Recipe
+from ist_ds.core.errors import ISTConfigError, ISTError
+from ist_ds.jobs.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _check_output_dir(path: str, report: CheckReport) -> None:
 
 
 def _check_resume(recipe: Recipe, allow_fresh_start: bool, report: CheckReport) -> None:
-    from ist_ds.checkpoint import read_latest
+    from ist_ds.runtime.checkpoint import read_latest
 
     directory = checkpoint_dir(recipe)
     try:
@@ -160,7 +160,7 @@ def _missing(key: str, path: str) -> str:
 
 
 def _check_tokenizer(recipe: Recipe, report: CheckReport) -> Any:
-    from ist_ds.data import load_tokenizer
+    from ist_ds.jobs.data import load_tokenizer
 
     name = recipe.data.tokenizer
     if name is not None and name != "byte" and not os.path.exists(name):
@@ -178,7 +178,7 @@ def _check_tokenizer(recipe: Recipe, report: CheckReport) -> Any:
 
 def _check_data(recipe: Recipe, report: CheckReport) -> int | None:
     """Read and validate the training (and test) data; returns the number of training records."""
-    from ist_ds.data import EMBEDDED_TASK_NAME, load_task
+    from ist_ds.jobs.data import EMBEDDED_TASK_NAME, load_task
 
     d = recipe.data
     bad = False
@@ -200,7 +200,7 @@ def _check_data(recipe: Recipe, report: CheckReport) -> int | None:
 # -------------------------------------------------------------------------------------------- batches
 def _check_batches(recipe: Recipe, world: int, num_train: int | None,
                    report: CheckReport) -> tuple[bool, int | None]:
-    """The job's batch arithmetic (as ist_ds.runner does it); returns (sound, total steps if known)."""
+    """The job's batch arithmetic (as ist_ds.jobs.runner does it); returns (sound, total steps if known)."""
     t = recipe.training
     micro = t.micro_batch_size
     if t.global_batch_size % (micro * world):
@@ -231,7 +231,7 @@ def _check_deepspeed(recipe: Recipe, world: int, total_steps: int | None, report
         from deepspeed.runtime.config import DeepSpeedConfig
 
         from ist_ds.backends.deepspeed import split_ist_block
-        from ist_ds.run_backends import deepspeed_config
+        from ist_ds.jobs.adapters import deepspeed_config
 
         config = deepspeed_config(recipe, world, total_steps or 1, not torch.cuda.is_available())
         ist, rest = split_ist_block(config)
@@ -253,8 +253,8 @@ def _check_model(recipe: Recipe, tokenizer, ist, report: CheckReport) -> None:
     model = _meta_model(recipe, tokenizer, report)
     if model is None:
         return
-    from ist_ds.layers import discover_full_layers, discover_layers
-    from ist_ds.models import apply_peft
+    from ist_ds.model.layers import discover_full_layers, discover_layers
+    from ist_ds.jobs.models import apply_peft
 
     p = recipe.peft
     try:
@@ -287,7 +287,7 @@ def _meta_model(recipe: Recipe, tokenizer, report: CheckReport):
         if m.gguf_file:
             from transformers import AutoConfig, AutoModelForCausalLM
 
-            from ist_ds.pretrained import gguf_path
+            from ist_ds.jobs.pretrained import gguf_path
 
             source = gguf_path(m.path, m.gguf_file)
             if not os.path.isfile(source):
@@ -327,7 +327,7 @@ def _meta_model(recipe: Recipe, tokenizer, report: CheckReport):
                 model = AutoModelForCausalLM.from_config(config)
             source = f"{m.path} ({type(model).__name__}, config only)"
         else:
-            from ist_ds.models import build_model
+            from ist_ds.jobs.models import build_model
 
             overrides = dict(m.config)
             if tokenizer is not None:

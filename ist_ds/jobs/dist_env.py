@@ -35,7 +35,7 @@ import subprocess
 import threading
 import time
 
-from ist_ds.errors import ISTError
+from ist_ds.core.errors import ISTError
 
 logger = logging.getLogger(__name__)
 

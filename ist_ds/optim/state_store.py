@@ -10,7 +10,7 @@ DeepSpeed ZeRO) to a dict of tensors. Nothing here knows about a backend. State 
   bit-identical, when it is selected again. Targets: ``host`` (pinned CPU memory when the optimizer
   lives on an accelerator, copied back with ``non_blocking``) or ``disk`` (one file per tensor set,
   read back with ``torch.load(weights_only=True)``). A tensor on an accelerator is *parked*
-  (:mod:`ist_ds.tensor_parking`): its storage shrinks to 0 bytes in place and is refilled on
+  (:mod:`ist_ds.optim.parking`): its storage shrinks to 0 bytes in place and is refilled on
   restore, so views of it held elsewhere (DeepSpeed links fragments of the moments to each
   parameter) neither keep the memory alive nor go stale.
 - ``drop``: the state is freed (its storage too, even where views of it are held elsewhere); the
@@ -28,7 +28,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ist_ds.tensor_parking import can_park
+from ist_ds.optim.parking import can_park
 
 try:  # FSDP2 keeps the optimizer state of a sharded parameter as a DTensor
     from torch.distributed.tensor import DTensor

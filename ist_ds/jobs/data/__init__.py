@@ -2,7 +2,7 @@
 
 Entry point for jobs is :func:`load_task`, which turns the one string a config gives (``data:``)
 into train/test records; :class:`InstructionDataset` + :class:`PadCollator` turn records into
-batches. See :mod:`ist_ds.data.instructions` for why the format and template are what they are.
+batches. See :mod:`ist_ds.jobs.data.instructions` for why the format and template are what they are.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ist_ds.data.embedded import EMBEDDED_TASK_NAME, embedded_records
-from ist_ds.data.instructions import (
+from ist_ds.jobs.data.embedded import EMBEDDED_TASK_NAME, embedded_records
+from ist_ds.jobs.data.instructions import (
     IGNORE_INDEX,
     PROMPT_NO_INPUT,
     PROMPT_WITH_INPUT,
@@ -24,8 +24,8 @@ from ist_ds.data.instructions import (
     load_records,
     validate_records,
 )
-from ist_ds.data.tokenizer import BYTE_TOKENIZER_FILE, ByteTokenizer, encode_with, load_tokenizer
-from ist_ds.errors import ISTDataError
+from ist_ds.jobs.data.tokenizer import BYTE_TOKENIZER_FILE, ByteTokenizer, encode_with, load_tokenizer
+from ist_ds.core.errors import ISTDataError
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def load_task(
     """Resolve a task spec to train/test records.
 
     * ``None`` or ``"embedded"``: the generated embedded task
-      (:func:`~ist_ds.data.embedded.embedded_records` with ``num_train``, ``num_test``, ``seed``).
+      (:func:`~ist_ds.jobs.data.embedded.embedded_records` with ``num_train``, ``num_test``, ``seed``).
     * a JSON file: its records are the train split; the test split is ``test_path`` if given, else
       the conventional sibling (``train.json`` -> ``test.json``, ``X_train.json`` -> ``X_test.json``),
       else empty. Commonsense_170k-style files with no sibling simply have no test split.

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from ist_ds.errors import ISTDataError
+from ist_ds.core.errors import ISTDataError
 
 EMBEDDED_TASK_NAME = "embedded"
 NUM_OPTIONS = 4

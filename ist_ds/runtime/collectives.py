@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from ist_ds.errors import ISTAgreementError
+from ist_ds.core.errors import ISTAgreementError
 
 logger = logging.getLogger(__name__)
 

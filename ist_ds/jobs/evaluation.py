@@ -4,7 +4,7 @@ Multiple-choice accuracy follows the usual log-likelihood protocol: for every te
 candidate label of the task (``answer1``..``answer5``, ``true``/``false``) is put into the record's
 output text in place of the gold label, and the candidate whose output tokens get the highest total
 log-probability is the prediction; records of a mix of tasks (a ``task`` field, see
-:func:`ist_ds.data.load_task`) are scored against their own task's labels only. Every rank scores the same number of records (shards padded with
+:func:`ist_ds.jobs.data.load_task`) are scored against their own task's labels only. Every rank scores the same number of records (shards padded with
 weight-zero repeats), because ZeRO-3 and FSDP need every rank in every forward.
 """
 
@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ist_ds.data import InstructionDataset, PadCollator
-from ist_ds.scoring import eval_mode, token_loss_sum
+from ist_ds.jobs.data import InstructionDataset, PadCollator
+from ist_ds.runtime.scoring import eval_mode, token_loss_sum
 
 
 def _even_shard(n: int, rank: int, world: int) -> tuple[list[int], list[float]]:
@@ -101,7 +101,7 @@ def greedy_answer(model: torch.nn.Module, record: dict, tokenizer, device, forwa
     models (ZeRO-3, FSDP2) need every rank in every forward, so no rank may stop early; the text is
     cut at the first end-of-sequence token afterwards.
     """
-    from ist_ds.data import encode_with, generate_prompt
+    from ist_ds.jobs.data import encode_with, generate_prompt
 
     prompt = generate_prompt(record["instruction"], record.get("input", ""), "")
     ids = torch.tensor([encode_with(tokenizer, prompt)], device=device)
@@ -114,7 +114,7 @@ def greedy_answer(model: torch.nn.Module, record: dict, tokenizer, device, forwa
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos in new:
         new = new[:new.index(eos)]
-    from ist_ds.data import ByteTokenizer
+    from ist_ds.jobs.data import ByteTokenizer
 
     text = tokenizer.decode(new) if isinstance(tokenizer, ByteTokenizer) else tokenizer.decode(new, skip_special_tokens=True)
     return text.strip()

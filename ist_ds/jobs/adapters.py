@@ -1,6 +1,6 @@
 """The three ways a job can train: DeepSpeed, FSDP2, or one plain PyTorch process.
 
-Each adapter offers the same small surface to the job loop in :mod:`ist_ds.runner`: ``model`` (the
+Each adapter offers the same small surface to the job loop in :mod:`ist_ds.jobs.runner`: ``model`` (the
 module to run forwards on), ``train_step(micro_batches) -> loss``, ``lr()``, ``ist`` (the
 controller, or None when IST is off), ``save_checkpoint(dir)``/``load_checkpoint(dir)``,
 ``adapter_state()`` (the full PEFT weights, on rank 0, for ``save_pretrained``) and ``model_state()``
@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from ist_ds.errors import ISTConfigError
-from ist_ds.recipe import Recipe
+from ist_ds.core.errors import ISTConfigError
+from ist_ds.jobs.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def deepspeed_config(recipe: Recipe, world_size: int, total_steps: int, on_cpu: 
         filled["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if recipe.model.dtype == "bfloat16":
         filled["bf16"] = {"enabled": True}
-    if t.tensorboard:  # DeepSpeed's own monitor writes the job's scalars (ist_ds.monitor); rank 0 only
-        from ist_ds.monitor import JOB_NAME, tensorboard_dir
+    if t.tensorboard:  # DeepSpeed's own monitor writes the job's scalars (ist_ds.observe.monitor); rank 0 only
+        from ist_ds.observe.monitor import JOB_NAME, tensorboard_dir
 
         filled["tensorboard"] = {"enabled": True, "output_path": tensorboard_dir(recipe.output_dir),
                                  "job_name": JOB_NAME}
@@ -152,7 +152,7 @@ class SingleRun:
     (linear warm-up over ``training.warmup_steps``, then linear decay to 0 at the last step)."""
 
     def __init__(self, recipe: Recipe, model, train_dataset, collate, device, total_steps: int | None = None) -> None:
-        from ist_ds.trainer import SingleProcessTrainer
+        from ist_ds.backends.single import SingleProcessTrainer
 
         t = recipe.training
         self.trainer = SingleProcessTrainer(model, recipe.ist, train_dataset, collate, lr=t.lr,
@@ -240,7 +240,7 @@ class FSDPRun:
     def save_checkpoint(self, directory: str, tag: str) -> None:
         import torch.distributed as dist
 
-        from ist_ds.checkpoint import publish_latest, remove_stale_tmp
+        from ist_ds.runtime.checkpoint import publish_latest, remove_stale_tmp
 
         self.fsdp.save_checkpoint(os.path.join(directory, tag))  # its manifest is written before 'latest'
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -250,7 +250,7 @@ class FSDPRun:
             dist.barrier()
 
     def load_checkpoint(self, directory: str) -> int:
-        from ist_ds.checkpoint import read_latest
+        from ist_ds.runtime.checkpoint import read_latest
 
         tag = read_latest(directory)
         if tag is None:

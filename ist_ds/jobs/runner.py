@@ -6,7 +6,7 @@ This is what ``ist-ds train`` and ``launch/train.py`` run, under any launcher (`
 ``tokenizer`` files, ``train_losses.jsonl`` (the loss at each log point, kept across resumes),
 ``checkpoints/`` when ``save_every`` or ``stop_after_steps`` is set.
 
-Before anything is loaded, every rank checks the whole recipe (ist_ds/preflight.py: paths, the model
+Before anything is loaded, every rank checks the whole recipe (ist_ds/jobs/preflight.py: paths, the model
 on the meta device, PEFT targets, batch arithmetic, the DeepSpeed config, a checkpoint to resume), so
 a mistake costs seconds, not a model load on every rank. ``resume=True`` needs a checkpoint (unless
 ``allow_fresh_start``); a stop (``training.stop_after_steps``) always leaves one.
@@ -29,21 +29,21 @@ import torch
 import yaml
 from torch.utils.data import DistributedSampler
 
-from ist_ds.checkpoint import IST_STATE_FILE, atomic_torch_save
-from ist_ds.collectives import LocalCollectives, default_collectives
-from ist_ds.data import InstructionDataset, PadCollator, load_task, load_tokenizer
-from ist_ds.dist_env import discover, release_shm_buffers
-from ist_ds.errors import ISTCheckpointError, ISTConfigError
-from ist_ds.monitor import Progress, build_monitor, eval_forward_count, importance_updated
-from ist_ds.recipe import Recipe
-from ist_ds.scoring import default_forward
+from ist_ds.runtime.checkpoint import IST_STATE_FILE, atomic_torch_save
+from ist_ds.runtime.collectives import LocalCollectives, default_collectives
+from ist_ds.jobs.data import InstructionDataset, PadCollator, load_task, load_tokenizer
+from ist_ds.jobs.dist_env import discover, release_shm_buffers
+from ist_ds.core.errors import ISTCheckpointError, ISTConfigError
+from ist_ds.observe.monitor import Progress, build_monitor, eval_forward_count, importance_updated
+from ist_ds.jobs.recipe import Recipe
+from ist_ds.runtime.scoring import default_forward
 
 logger = logging.getLogger(__name__)
 
 
 def _init_distributed(recipe: Recipe) -> tuple[int, int]:
-    """Join the job under whichever launcher started us (see ist_ds/dist_env.py and docs/launch.md)."""
-    from ist_ds.dist_env import init_distributed
+    """Join the job under whichever launcher started us (see ist_ds/jobs/dist_env.py and docs/launch.md)."""
+    from ist_ds.jobs.dist_env import init_distributed
 
     env = discover()
     world = int(env["WORLD_SIZE"])
@@ -57,11 +57,11 @@ def _init_distributed(recipe: Recipe) -> tuple[int, int]:
 
 def model_directory(recipe: Recipe) -> str | None:
     """The local Hugging Face directory of a pretrained model (a GGUF file converted once), None when
-    the recipe builds one from scratch (see ist_ds/pretrained.py)."""
+    the recipe builds one from scratch (see ist_ds/jobs/pretrained.py)."""
     m = recipe.model
     if m.path is None and m.gguf_file is None:
         return None
-    from ist_ds.pretrained import model_directory as resolve
+    from ist_ds.jobs.pretrained import model_directory as resolve
 
     return resolve(m.path, m.gguf_file, m.cache_dir)
 
@@ -70,7 +70,7 @@ def tokenizer_source(recipe: Recipe, model_dir: str | None) -> str | None:
     """``data.tokenizer``, or by default the pretrained model's own tokenizer (else the byte tokenizer)."""
     if recipe.data.tokenizer is not None or model_dir is None:
         return recipe.data.tokenizer
-    from ist_ds.pretrained import has_tokenizer
+    from ist_ds.jobs.pretrained import has_tokenizer
 
     return model_dir if has_tokenizer(model_dir) else None
 
@@ -86,7 +86,7 @@ def train_data_source(recipe: Recipe) -> str:
 
 def build_recipe_model(recipe: Recipe, tokenizer, model_dir: str | None = None):
     """The recipe's model with its PEFT adapters (none with ``ist.target: full``)."""
-    from ist_ds.models import apply_peft, build_model
+    from ist_ds.jobs.models import apply_peft, build_model
 
     m, p = recipe.model, recipe.peft
     # FSDP2 keeps fp32 parameters and computes in bf16 through its MixedPrecisionPolicy.
@@ -130,8 +130,8 @@ def run(recipe: Recipe, resume: bool = False, allow_fresh_start: bool = False) -
     ``resume``: continue from the latest checkpoint in ``output_dir/checkpoints``; without one it is
     an error, unless ``allow_fresh_start`` (then the job starts from step 0).
     """
-    from ist_ds.console import setup_logging
-    from ist_ds.preflight import preflight
+    from ist_ds.observe.console import setup_logging
+    from ist_ds.jobs.preflight import preflight
 
     env = discover()
     setup_logging(int(env["RANK"]), int(env["WORLD_SIZE"]))
@@ -161,7 +161,7 @@ def seed_rank(seed: int, rank: int) -> None:
 
 
 def _run(recipe: Recipe, resume: bool, rank: int, world: int, allow_fresh_start: bool = False) -> dict:
-    from ist_ds.console import setup_logging
+    from ist_ds.observe.console import setup_logging
 
     setup_logging(rank, world)
     t = recipe.training
@@ -196,15 +196,15 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int, allow_fresh_start:
     logger.info("job: %s backend, %d rank(s), %d steps (%d per epoch), global batch %d = %d x %d x %d",
                 recipe.backend.name, world, total_steps, steps_per_epoch, t.global_batch_size, micro, world, grad_acc)
     if recipe.backend.name == "deepspeed":
-        from ist_ds.run_backends import DeepSpeedRun
+        from ist_ds.jobs.adapters import DeepSpeedRun
 
         backend = DeepSpeedRun(recipe, model, train_ds, collate, world, total_steps, on_cpu)
     elif recipe.backend.name == "fsdp":
-        from ist_ds.run_backends import FSDPRun
+        from ist_ds.jobs.adapters import FSDPRun
 
         backend = FSDPRun(recipe, model, train_ds, collate, total_steps)
     else:
-        from ist_ds.run_backends import SingleRun
+        from ist_ds.jobs.adapters import SingleRun
 
         backend = SingleRun(recipe, model, train_ds, collate, "cuda" if not on_cpu else "cpu", total_steps)
     comm = default_collectives() if world > 1 else LocalCollectives()
@@ -260,7 +260,7 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int, allow_fresh_start:
         if log_point or importance_updated(backend.ist):
             monitor.log_ist(step + 1, backend.ist)
         if test_ds is not None and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < total_steps:
-            from ist_ds.evaluation import evaluate_loss
+            from ist_ds.jobs.evaluation import evaluate_loss
 
             eval_loss = evaluate_loss(backend.model, test_ds, collate, micro, backend.device, comm, default_forward)
             logger.info("step %d: held-out loss %.4f", step + 1, eval_loss)
@@ -284,7 +284,7 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int, allow_fresh_start:
         summary["eval_loss"], summary["eval_accuracy"] = after["loss"], after["accuracy"]
         monitor.log(total_steps, {"eval/loss": summary["eval_loss"], "eval/accuracy": summary["eval_accuracy"]})
     if test_records and t.sample_answers:
-        from ist_ds.evaluation import greedy_answer
+        from ist_ds.jobs.evaluation import greedy_answer
 
         summary["sample_answers"] = [
             {"instruction": r["instruction"], "input": r.get("input", ""), "expected": r["output"],
@@ -306,7 +306,7 @@ def _run(recipe: Recipe, resume: bool, rank: int, world: int, allow_fresh_start:
 
 def _evaluate(backend, test_ds, test_records, tokenizer, collate, comm, recipe: Recipe, world: int, rank: int) -> dict:
     """Held-out loss and multiple-choice accuracy (collectives: every rank calls this)."""
-    from ist_ds.evaluation import choice_accuracy, evaluate_loss
+    from ist_ds.jobs.evaluation import choice_accuracy, evaluate_loss
 
     micro, t = recipe.training.micro_batch_size, recipe.training
     bar = Progress(eval_forward_count(len(test_ds), len(test_records), micro, world), "eval", "forward",
@@ -343,7 +343,7 @@ def _loss_history(output_dir: str, start_step: int, rank: int) -> list[tuple[int
     Points after ``start_step`` (logged by a run that died after its last checkpoint) are dropped:
     the resumed run logs those steps again.
     """
-    from ist_ds.checkpoint import atomic_write_text
+    from ist_ds.runtime.checkpoint import atomic_write_text
 
     path = os.path.join(output_dir, LOSS_HISTORY_FILE)
     kept: list[tuple[int, float]] = []

@@ -14,13 +14,13 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ist_ds.controller import ISTController
+from ist_ds.runtime.controller import ISTController
 from ist_ds.core import ISTConfig
-from ist_ds.layers import discover_for
-from ist_ds.optimizer_gate import OptimizerGate
-from ist_ds.optimizer_state import OptimizerStateStore
-from ist_ds.param_groups import layer_param_groups
-from ist_ds.scoring import ImportanceScorer, ScoringStream
+from ist_ds.model.layers import discover_for
+from ist_ds.optim.gate import OptimizerGate
+from ist_ds.optim.state_store import OptimizerStateStore
+from ist_ds.model.param_groups import layer_param_groups
+from ist_ds.runtime.scoring import ImportanceScorer, ScoringStream
 
 logger = logging.getLogger(__name__)
 

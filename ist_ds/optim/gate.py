@@ -25,7 +25,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from ist_ds.optimizer_state import OptimizerStateStore, live_state_bytes
+from ist_ds.optim.state_store import OptimizerStateStore, live_state_bytes
 
 LAYER_KEY = "ist_layer"
 

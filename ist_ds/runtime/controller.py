@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from ist_ds.collectives import LocalCollectives, fingerprint
+from ist_ds.runtime.collectives import LocalCollectives, fingerprint
 from ist_ds.core import ISTConfig, ImportanceState, sample_uniform_layers
-from ist_ds.errors import ISTCheckpointError
-from ist_ds.layers import LayerMap, set_trainable
-from ist_ds.optimizer_gate import OptimizerGate
+from ist_ds.core.errors import ISTCheckpointError
+from ist_ds.model.layers import LayerMap, set_trainable
+from ist_ds.optim.gate import OptimizerGate
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Sections: ``model``, ``peft``, ``data``, ``training``, ``backend``, ``ist`` (the same block a
 DeepSpeed config carries; see docs/config.md) and ``output_dir``. Every key has a default, so an
 empty file is the embedded quick start; unknown keys, wrong types and impossible values raise one
-:class:`~ist_ds.errors.ISTConfigError` naming the key, before anything is built or written.
+:class:`~ist_ds.core.errors.ISTConfigError` naming the key, before anything is built or written.
 
 Full-layer IST (``ist.target: full``) goes with ``peft.method: none``: the job then trains the
 model's own blocks and no adapter is added. Both keys are required so that a recipe says plainly
@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import yaml
 
 from ist_ds.core import ISTConfig
-from ist_ds.errors import ISTConfigError
+from ist_ds.core.errors import ISTConfigError
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,7 @@ def _model_checks(m: ModelSection) -> None:
     if m.gguf_file is not None and not m.gguf_file.endswith(".gguf"):
         raise ISTConfigError(f"model.gguf_file must name a .gguf file, got {m.gguf_file!r}")
     if m.path is None and m.gguf_file is None:
-        from ist_ds.models import check_arch
+        from ist_ds.jobs.models import check_arch
 
         try:
             check_arch(m.arch)  # any causal-LM model_type transformers' AutoConfig knows

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from ist_ds.collectives import LocalCollectives
-from ist_ds.layers import LayerMap
-from ist_ds.suppression import suppress
+from ist_ds.runtime.collectives import LocalCollectives
+from ist_ds.model.layers import LayerMap
+from ist_ds.model.suppression import suppress
 
 IGNORE_INDEX = -100
 
