@@ -127,7 +127,7 @@ class DeepSpeedIST(ISTView):
         if rank == 0:
             remove_stale_tmp(save_dir)  # left by an earlier, interrupted save; nobody writes now
             state = self.controller.state_dict()
-            state["world_size"] = engine.dp_world_size  # ZeRO files load only at this world size
+            state["world_size"] = ds_compat.data_parallel_world_size(engine)  # ZeRO files load only at this world size
             atomic_torch_save(state, os.path.join(tag_dir, IST_STATE_FILE))
         if dist.is_initialized():
             dist.barrier()
@@ -155,7 +155,7 @@ class DeepSpeedIST(ISTView):
         # Every rank checks its share of the files; all raise the same error before anything is loaded.
         verify_checkpoint(tag_dir, self.controller.comm, self.config.verify_engine_files)
         ist_state = safe_load(os.path.join(tag_dir, IST_STATE_FILE))
-        check_world_size(tag_dir, ist_state.get("world_size"), self.engine.dp_world_size)
+        check_world_size(tag_dir, ist_state.get("world_size"), ds_compat.data_parallel_world_size(self.engine))
         # DeepSpeed loads into the optimizer's tensors in place: every master and moment must be there.
         self.controller.gate.restore_all()
         if int(ist_state.get("num_layers", -1)) != self.controller.num_layers:

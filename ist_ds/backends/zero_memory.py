@@ -55,8 +55,8 @@ from ist_ds.optim.parking import CopyStream, Parked, can_park, park, storage_byt
 
 logger = logging.getLogger(__name__)
 
-ZERO3_SKIPPED = ("_prepare_sub_group", "unscale_and_clip_grads", "_optimizer_step",
-                 "_reassign_or_swap_out_partitioned_parameters", "_release_sub_group")
+#: ZeRO-3's per-sub-group step work, skipped for sub-groups of unselected layers.
+ZERO3_SKIPPED = ds.ZERO3_SUB_GROUP_STEP_METHODS
 
 
 class ZeroMemory:
@@ -189,7 +189,7 @@ class ZeroMemory:
         """
         per_layer: dict[int, int] = {}
         for s, p in self._zero3_params():
-            per_layer[self.layer_of[s]] = per_layer.get(self.layer_of[s], 0) + p.partition_numel()
+            per_layer[self.layer_of[s]] = per_layer.get(self.layer_of[s], 0) + ds.zero3_partition_numel(p)
         outside = per_layer.pop(-1, 0)
         sizes = sorted(per_layer.values(), reverse=True)
         capacity = outside + sum(sizes[:max_trained_layers])
@@ -204,12 +204,12 @@ class ZeroMemory:
         buffer, mapping, offset = self._grad_buffer, ds.zero3_grad_partition_map(self.opt), 0
         buffer.zero_()  # a slice a rank never writes (all padding) must read as zero, as in DeepSpeed's own
         for s, p in self._zero3_params():
-            n = p.partition_numel()
+            n = ds.zero3_partition_numel(p)
             if self.trains_index(s):
-                mapping[p.ds_id] = buffer.narrow(0, offset, n)
+                mapping[ds.zero3_param_id(p)] = buffer.narrow(0, offset, n)
                 offset += n
             else:
-                mapping[p.ds_id] = self._zero(n, buffer.dtype, buffer.device)
+                mapping[ds.zero3_param_id(p)] = self._zero(n, buffer.dtype, buffer.device)
 
     def _install(self) -> None:
         if self.kind == "zero12":
@@ -226,13 +226,13 @@ class ZeroMemory:
         self.restore_all()
         if self._grad_buffer is not None:  # every parameter its own slice again, as DeepSpeed laid it out
             self._grad_buffer = None
-            total = sum(p.partition_numel() for _, p in self._zero3_params())
+            total = sum(ds.zero3_partition_numel(p) for _, p in self._zero3_params())
             full = torch.zeros(total, dtype=ds.zero3_grad_accum_dtype(self.opt), device=self.master(0).device)
             ds.set_zero3_grad_buffer(self.opt, full)
             mapping, offset = ds.zero3_grad_partition_map(self.opt), 0
             for _, p in self._zero3_params():
-                mapping[p.ds_id] = full.narrow(0, offset, p.partition_numel())
-                offset += p.partition_numel()
+                mapping[ds.zero3_param_id(p)] = full.narrow(0, offset, ds.zero3_partition_numel(p))
+                offset += ds.zero3_partition_numel(p)
         for name, original in reversed(self._originals):
             setattr(self.opt, name, original)
         self._originals.clear()
@@ -290,7 +290,7 @@ class ZeroMemory:
             return get_flat_partition(tensor_list, first_offset, partition_size, dtype, device, param_group_idx,
                                       return_tensor_list)
 
-        build_compact = opt._build_compact_grad_partition_buffer
+        build_compact = getattr(opt, ds.ZERO12_COMPACT_GRAD_BUILDER)
 
         @functools.wraps(build_compact)
         def ist_build_compact(group_idx):
@@ -315,7 +315,7 @@ class ZeroMemory:
         self._patch("copy_grads_in_partition", ist_copy_grads_in_partition)
         self._patch("get_all_grad_tensors", ist_get_all_grad_tensors)
         self._patch("get_flat_partition", ist_get_flat_partition)
-        self._patch("_build_compact_grad_partition_buffer", ist_build_compact)
+        self._patch(ds.ZERO12_COMPACT_GRAD_BUILDER, ist_build_compact)
 
     def _install_zero3(self) -> None:
         opt = self.opt

@@ -1,10 +1,13 @@
-"""DeepSpeed internals that IST's ZeRO memory savings reach into, checked against DeepSpeed 0.19.8.
+"""Every DeepSpeed internal ist_ds uses, checked against DeepSpeed 0.19.8.
 
-IST takes the fp32 masters of unselected layers off the device and keeps ZeRO from building gradient
-partitions for them (:mod:`ist_ds.backends.zero_memory`). DeepSpeed has no public API for either, so
-this module names every attribute and method used, and :func:`check_zero_internals` verifies them on
-the live optimizer before anything is patched: a DeepSpeed that changed one of them is refused with an
-error naming it, instead of silently training wrong.
+DeepSpeed has no public API for what IST needs beyond freezing layers inside the optimizer step, so
+this module names every attribute, method and module path used, each in a function named for what it
+gets, and :func:`check_zero_internals` verifies the ZeRO optimizer's on the live optimizer before
+anything is patched: a DeepSpeed that changed one of them is refused with an error naming it, instead
+of silently training wrong. ``tests/test_compat.py`` exercises each of them on a live DeepSpeed.
+
+**ZeRO memory savings** (:mod:`ist_ds.backends.zero_memory`: fp32 masters of unselected layers off
+the device, no gradient partitions for them).
 
 ZeRO-1/2 (``DeepSpeedZeroOptimizer``), per param group ``i``:
 
@@ -27,16 +30,30 @@ ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``), per sub-group ``s``:
 - ``independent_gradient_partition_epilogue`` builds ``averaged_gradients[s]`` (views of the flat
   gradient buffer for parameters that require grad, new zero tensors for the others);
 - ``step`` calls, per sub-group, ``_prepare_sub_group``, ``unscale_and_clip_grads``,
-  ``_optimizer_step``, ``_reassign_or_swap_out_partitioned_parameters`` and ``_release_sub_group``.
+  ``_optimizer_step``, ``_reassign_or_swap_out_partitioned_parameters`` and ``_release_sub_group``
+  (:data:`ZERO3_SUB_GROUP_STEP_METHODS`).
 
-Engine: ``engine.basic_optimizer`` (the optimizer ZeRO steps), ``engine.global_steps``,
-``engine.checkpoint_engine.load``.
+**ZeRO-3 parameters**: a partitioned parameter carries ``ds_id`` (its id in the optimizer's maps),
+``ds_numel`` (its full element count; ``numel()`` is 0 once partitioned) and ``partition_numel()``.
+
+**ZeRO-3 linear** (:mod:`ist_ds.backends.zero3_linear`): with ``memory_efficient_linear`` (the
+default) ZeRO-3 replaces ``torch.nn.functional.linear`` process-wide by ``zero3_linear_wrap`` of
+``deepspeed.runtime.zero.linear``, which applies ``LinearFunctionForZeroStage3``; its ``setup_context``
+saves ``(input, weight, bias)`` and its backward reads the input only for the weight's gradient.
+
+**Engine**: ``engine.basic_optimizer`` (the optimizer ZeRO steps), ``engine.global_steps``,
+``engine.skipped_steps``, ``engine.dp_world_size``, ``engine.checkpoint_engine.load``; the class
+``TorchCheckpointEngine`` (``deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine``) that reads
+checkpoint files; the classes its checkpoint files pickle (``LossScaler``, ``DynamicLossScaler``,
+``ZeroStageEnum``, ``fragment_address``); ``deepspeed.runtime.config.DeepSpeedConfig`` (validation).
+DeepSpeed's monitor is in :mod:`ist_ds.compat.monitor`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Callable
+from typing import Callable, Iterator
 
 CHECKED_VERSION = "0.19.8"
 
@@ -78,6 +95,11 @@ ZERO3_STEP_SOURCE = ("self._prepare_sub_group(sub_group_id, timer_names)",
                      "self._optimizer_step(sub_group_id)",
                      "self._reassign_or_swap_out_partitioned_parameters(sub_group_id)",
                      "self._release_sub_group(sub_group_id, timer_names)")
+#: ZeRO-3 methods ``step`` calls once per sub-group, each taking ``sub_group_id`` first.
+ZERO3_SUB_GROUP_STEP_METHODS = ("_prepare_sub_group", "unscale_and_clip_grads", "_optimizer_step",
+                                "_reassign_or_swap_out_partitioned_parameters", "_release_sub_group")
+#: The ZeRO-1/2 method that builds a group's compact fp32 gradient partition (bf16 weights).
+ZERO12_COMPACT_GRAD_BUILDER = "_build_compact_grad_partition_buffer"
 
 
 class DeepSpeedInternalsChanged(RuntimeError):
@@ -168,11 +190,15 @@ def check_zero_internals(kind: str, optimizer=None) -> None:
 
 # ---------------------------------------------------------------------- engine
 def basic_optimizer(engine):
-    """The optimizer ZeRO / the bf16 wrapper / stage 0 actually step (torch AdamW, DeepSpeedCPUAdam...)."""
-    return engine.basic_optimizer
+    """The optimizer ZeRO / the bf16 wrapper / stage 0 actually step (torch AdamW, DeepSpeedCPUAdam...).
+
+    ``engine.basic_optimizer``; None when the engine has none (no optimizer, or a DeepSpeed without it).
+    """
+    return getattr(engine, "basic_optimizer", None)
 
 
 def global_steps(engine) -> int:
+    """Optimizer steps the engine took (``engine.global_steps``; counts steps skipped for overflow too)."""
     return engine.global_steps
 
 
@@ -181,9 +207,120 @@ def skipped_steps(engine) -> int:
     return int(getattr(engine, "skipped_steps", 0))
 
 
+def data_parallel_world_size(engine) -> int:
+    """Ranks the engine's ZeRO partitions are spread over (``engine.dp_world_size``)."""
+    return int(engine.dp_world_size)
+
+
 def set_checkpoint_loader(engine, load) -> None:
-    """Make the engine read its own checkpoint files with ``load(path, map_location)``."""
+    """Make the engine read its own checkpoint files with ``load(path, map_location)``.
+
+    Replaces ``engine.checkpoint_engine.load`` (a ``TorchCheckpointEngine`` on this DeepSpeed).
+    """
     engine.checkpoint_engine.load = lambda path, map_location=None: load(path, map_location)
+
+
+@contextlib.contextmanager
+def checkpoint_files_loaded_with(load) -> Iterator[None]:
+    """While open, every DeepSpeed engine reads its checkpoint files with ``load(path, map_location)``.
+
+    For engines built inside the block (a Trainer builds its engine and loads a checkpoint within one
+    call): patches ``TorchCheckpointEngine.load`` at the class and restores it on exit.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    original = TorchCheckpointEngine.load
+    TorchCheckpointEngine.load = lambda self, path, map_location=None: load(path, map_location)
+    try:
+        yield
+    finally:
+        TorchCheckpointEngine.load = original
+
+
+def checkpoint_safe_globals() -> list:
+    """DeepSpeed's data classes that its checkpoint files pickle (none runs code when unpickled).
+
+    ``LossScaler``/``DynamicLossScaler`` (``deepspeed.runtime.fp16.loss_scaler``), ``ZeroStageEnum``
+    (``deepspeed.runtime.zero.config``), ``fragment_address`` (``deepspeed.utils.tensor_fragment``);
+    empty when DeepSpeed is not installed.
+    """
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def validated_config(config: dict):
+    """DeepSpeed's parsed config object for ``config`` (``deepspeed.runtime.config.DeepSpeedConfig``).
+
+    Raises what DeepSpeed raises for an invalid config (ValueError, AssertionError, pydantic errors).
+    Needs no process group only when ``train_batch_size`` is consistent for world size 1.
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    return DeepSpeedConfig(config)
+
+
+# ---------------------------------------------------------------------- ZeRO-3 parameters
+def is_zero3_param(p) -> bool:
+    """Whether ZeRO-3 partitioned ``p`` (it carries ``ds_id``)."""
+    return hasattr(p, "ds_id")
+
+
+def zero3_numel(p) -> int:
+    """Elements of a parameter, also when ZeRO-3 partitioned it (``ds_numel``; ``numel()`` is 0 then)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def zero3_param_id(p) -> int:
+    """ZeRO-3's id of a partitioned parameter (``ds_id``), the key of the optimizer's per-parameter maps."""
+    return p.ds_id
+
+
+def zero3_partition_numel(p) -> int:
+    """Elements of this rank's partition of a ZeRO-3 parameter (``partition_numel()``, padding included)."""
+    return int(p.partition_numel())
+
+
+# ---------------------------------------------------------------------- ZeRO-3 linear
+def zero3_linear_function():
+    """DeepSpeed's autograd function behind ZeRO-3's memory-efficient linear (``LinearFunctionForZeroStage3``).
+
+    Relied on: ``setup_context(ctx, inputs, output)`` saves ``(input, weight, bias)`` with
+    ``save_for_backward``, and ``backward`` reads the input only when ``ctx.needs_input_grad[1]``.
+    """
+    from deepspeed.runtime.zero.linear import LinearFunctionForZeroStage3
+
+    return LinearFunctionForZeroStage3
+
+
+def zero3_linear_wrap():
+    """The function ZeRO-3 installs as ``torch.nn.functional.linear`` (``zero3_linear_wrap``)."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap as wrap
+
+    return wrap
+
+
+def replace_zero3_linear(replacement: Callable) -> bool:
+    """Make ``replacement`` ``torch.nn.functional.linear`` where ZeRO-3 installed its own; True if it is now.
+
+    ZeRO-3 swaps ``torch.nn.functional.linear`` process-wide for ``zero3_linear_wrap`` and keeps
+    torch's in ``linear_bk`` to restore it; that record is left untouched, so whatever restores torch's
+    linear still does. Nothing happens when the linear is anything else (torch's own because
+    ``memory_efficient_linear`` is off, or another library's replacement).
+    """
+    import torch
+
+    current = torch.nn.functional.linear
+    if current is replacement:
+        return True
+    if current is not zero3_linear_wrap():
+        return False
+    torch.nn.functional.linear = replacement
+    return True
 
 
 # ---------------------------------------------------------------------- ZeRO-1/2

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from ist_ds.compat import deepspeed as ds_compat
 from ist_ds.core.errors import ISTConfigError
 from ist_ds.jobs.recipe import Recipe
 
@@ -106,7 +107,7 @@ class DeepSpeedRun:
     def load_checkpoint(self, directory: str) -> int:
         """Load the latest checkpoint in ``directory``; returns its step (0 when there is none)."""
         path, _ = self.engine.load_checkpoint(directory)
-        return self.engine.global_steps if path is not None else 0
+        return ds_compat.global_steps(self.engine) if path is not None else 0
 
     def adapter_state(self) -> dict | None:
         """Full PEFT weights on rank 0 (gathered from ZeRO-3 partitions), None elsewhere."""

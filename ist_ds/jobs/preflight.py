@@ -228,9 +228,8 @@ def _check_batches(recipe: Recipe, world: int, num_train: int | None,
 def _check_deepspeed(recipe: Recipe, world: int, total_steps: int | None, report: CheckReport):
     """Build and validate the job's DeepSpeed config; returns the IST config it carries (or None)."""
     try:
-        from deepspeed.runtime.config import DeepSpeedConfig
-
         from ist_ds.backends.deepspeed import split_ist_block
+        from ist_ds.compat.deepspeed import validated_config
         from ist_ds.jobs.adapters import deepspeed_config
 
         config = deepspeed_config(recipe, world, total_steps or 1, not torch.cuda.is_available())
@@ -238,7 +237,7 @@ def _check_deepspeed(recipe: Recipe, world: int, total_steps: int | None, report
         # DeepSpeed checks train_batch_size against the process group's world size, which does not
         # exist yet: validate the world-size-1 view (the recipe's own arithmetic checked world above).
         rest = dict(rest, train_batch_size=rest["train_micro_batch_size_per_gpu"] * rest["gradient_accumulation_steps"])
-        DeepSpeedConfig(rest)
+        validated_config(rest)
     except Exception as e:  # noqa: BLE001 - DeepSpeed raises ValueError, AssertionError, pydantic errors
         _problem(report, "DeepSpeed config", e)
         return None

@@ -184,8 +184,10 @@ def discover_layers(model: torch.nn.Module, blocks_path: str | None = None) -> L
 
 # ---------------------------------------------------------------------------------------- full mode
 def _numel(p: torch.nn.Parameter) -> int:
-    """Elements of a parameter, also when ZeRO-3 has partitioned it (``ds_numel``)."""
-    return int(getattr(p, "ds_numel", p.numel()))
+    """Elements of a parameter, also when ZeRO-3 has partitioned it."""
+    from ist_ds.compat.deepspeed import zero3_numel
+
+    return zero3_numel(p)
 
 
 def _find_full_blocks_path(model: torch.nn.Module) -> str:
@@ -234,7 +236,9 @@ def _is_dtensor(t) -> bool:
 
 def _host_copy(p: torch.nn.Parameter) -> torch.Tensor:
     """A host (CPU) copy of a parameter's full value; gathers a ZeRO-3 partitioned one (a collective)."""
-    if hasattr(p, "ds_id"):
+    from ist_ds.compat.deepspeed import is_zero3_param
+
+    if is_zero3_param(p):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([p]):

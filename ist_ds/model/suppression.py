@@ -72,6 +72,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lycoris_utils import LycorisLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from ist_ds.compat.deepspeed import is_zero3_param
 from ist_ds.core.errors import ISTConfigError, ISTModelError
 from ist_ds.model.layers import LayerMap
 
@@ -159,7 +160,7 @@ def suppress_residual(layer_map: LayerMap, layer_indices: Iterable[int], scale: 
 
 def _writable(params: list[torch.nn.Parameter]):
     """A context in which ``p.data`` is the whole parameter and writes to it stick (ZeRO-3: gathered)."""
-    if any(hasattr(p, "ds_id") for p in params):
+    if any(is_zero3_param(p) for p in params):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)

@@ -32,6 +32,7 @@ import re
 
 import torch
 
+from ist_ds.compat.deepspeed import checkpoint_safe_globals
 from ist_ds.core.errors import ISTCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -47,26 +48,12 @@ _TMP_NAME = re.compile(r".+\.tmp\.\d+$")
 _CHUNK = 8 << 20
 
 
-def _deepspeed_safe_globals() -> list:
-    """DeepSpeed's data classes that its checkpoint files contain (none runs code when unpickled)."""
-    found = []
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        found += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-    except ImportError:
-        pass
-    return found
-
-
 def safe_load(path: str, map_location="cpu"):
     """``torch.load(path, weights_only=True)`` with DeepSpeed's data classes allowed; clear errors."""
     if not os.path.isfile(path):
         raise ISTCheckpointError(f"checkpoint file missing: {path}")
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        with torch.serialization.safe_globals(checkpoint_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure to read is the same user-facing problem
         if "Unsupported global" in str(e) or "weights_only" in str(e).lower() and "GLOBAL" in str(e):

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from ist_ds.compat.deepspeed import zero3_numel
 from ist_ds.runtime.collectives import LocalCollectives, fingerprint
 from ist_ds.core import ISTConfig, ImportanceState, sample_uniform_layers
 from ist_ds.core.errors import ISTCheckpointError
@@ -142,7 +143,7 @@ class ISTController:
     def memory_report(self) -> dict:
         """Per-rank bytes: optimizer state by location, and parameters that train (with gradients) now."""
         trainable = self.layer_map.parameters_of(self.selected) + [p for _, p in self.layer_map.outside_params]
-        param_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in trainable)
+        param_bytes = sum(zero3_numel(p) * p.element_size() for p in trainable)
         report = {"trainable_param_bytes": param_bytes, "selected_layers": list(self.selected)}
         if self.gate is not None:
             report["optimizer_state_bytes"] = self.gate.state_bytes()
