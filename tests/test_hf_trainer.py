@@ -313,7 +313,7 @@ def test_read_ist_config():
 def _regroup(rank, world):
     from accelerate.utils import DummyOptim
 
-    from ist_ds.integrations.hf_trainer import _regroup_by_layer
+    from ist_ds.integrations.hf_trainer_setup import regroup_by_layer
     from ist_ds.model.layers import discover_layers
 
     model = make_model()
@@ -322,7 +322,7 @@ def _regroup(rank, world):
     decay, no_decay = params[::2], params[1::2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                                    {"params": no_decay, "weight_decay": 0.0, "lr": 5e-3}], lr=1e-2)
-    _regroup_by_layer(optimizer, layer_map)
+    regroup_by_layer(optimizer, layer_map)
     groups = optimizer.param_groups
     assert {g["ist_layer"] for g in groups} == set(range(NUM_LAYERS))
     assert len(groups) == 2 * NUM_LAYERS
@@ -333,11 +333,11 @@ def _regroup(rank, world):
     for group in groups:
         layer = {id(p) for _, p in layer_map.layers[group["ist_layer"]].params}
         assert all(id(p) in layer for p in group["params"])
-    _regroup_by_layer(optimizer, layer_map)  # idempotent
+    regroup_by_layer(optimizer, layer_map)  # idempotent
     assert len(optimizer.param_groups) == 2 * NUM_LAYERS
 
     dummy = DummyOptim(params=params)  # an optimizer named in the DeepSpeed config
-    _regroup_by_layer(dummy, layer_map)
+    regroup_by_layer(dummy, layer_map)
     assert {g["ist_layer"] for g in dummy.params} == set(range(NUM_LAYERS))
     return True
 

@@ -23,14 +23,15 @@ reach, so :class:`ISTTrainerMixin` overrides the Trainer methods that own them:
   :class:`~ist_ds.optim.gate.OptimizerGate` wraps ``engine.basic_optimizer`` under DeepSpeed
   (what ZeRO 0-3 call per param group), or the torch optimizer inside accelerate's wrapper
   otherwise, and the :class:`~ist_ds.runtime.controller.ISTController` is built around it.
-- checkpoints: ``_save_checkpoint`` writes the IST state to ``ist_state.pt`` in the checkpoint
-  folder (and, once Trainer wrote its files, a checksum manifest that ``train`` verifies on every
-  rank before resuming; :mod:`ist_ds.runtime.checkpoint`), and puts offloaded optimizer state back (and every IST layer back to trainable) while
-  Trainer saves the model and optimizer (``save_model`` too), so nothing of an unselected layer is
-  left out; ``train`` remembers ``resume_from_checkpoint`` so that the state is read back when
-  training resumes; under FSDP2, ``_load_optimizer_and_scheduler`` lets torch.distributed.checkpoint
-  load an optimizer state that has no entries for layers IST never trained; ``_load_best_model``
-  first hands every layer back (training is over).
+- checkpoints (:mod:`ist_ds.integrations.hf_trainer_checkpoints`): each checkpoint folder gets the
+  IST state (``ist_state.pt``) and, once Trainer wrote its files, a checksum manifest that ``train``
+  verifies on every rank before resuming (:mod:`ist_ds.runtime.checkpoint`); offloaded optimizer
+  state is put back (and every IST layer made trainable) while Trainer saves the model and optimizer
+  (``save_model`` too), so nothing of an unselected layer is left out; ``train`` remembers
+  ``resume_from_checkpoint`` so that the state is read back when training resumes; under FSDP2 the
+  optimizer loads without entries for layers IST never trained; ``load_best_model_at_end`` first
+  gets every layer back (training is over). Trainer's methods for these are private: they are
+  overridden in :mod:`ist_ds.compat.transformers`, which calls public-named hooks.
 
 The controller runs after every real optimizer step (``on_step_end``: once per
 ``gradient_accumulation_steps`` micro-batches, after DeepSpeed's ``engine.step`` or the torch
@@ -48,110 +49,27 @@ from typing import Any, Callable, Mapping
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_datasets_available
 
-from ist_ds.runtime.checkpoint import IST_STATE_FILE, MANIFEST_FILE, atomic_torch_save, safe_load, verify_checkpoint, write_manifest
-from ist_ds.runtime.collectives import default_collectives
-from ist_ds.runtime.controller import ISTController
-from ist_ds.core import ISTConfig
-from ist_ds.core.errors import ISTConfigError
-from ist_ds.model.layers import LayerMap, discover_layers, set_trainable
-from ist_ds.optim.gate import LAYER_KEY
-from ist_ds.model.param_groups import layer_param_groups
 from ist_ds.backends import zero3_linear
 from ist_ds.backends.deepspeed_support import refuse_unsupported
-from ist_ds.backends.zero_memory import install_zero_memory
 from ist_ds.backends.single import build_controller
-
-try:  # layer discovery for the config's target (PEFT blocks, or whole blocks in full mode)
-    from ist_ds.model.layers import discover_for as _discover
-except ImportError:  # a version without full-layer mode
-    def _discover(model: torch.nn.Module, config: ISTConfig) -> LayerMap:
-        return discover_layers(model, config.blocks_path)
+from ist_ds.backends.zero_memory import install_zero_memory
+from ist_ds.compat import deepspeed as ds_compat
+from ist_ds.compat import transformers as hf_compat
+from ist_ds.core import ISTConfig
+from ist_ds.core.errors import ISTConfigError
+from ist_ds.integrations.cpu_deepspeed import init_cpu_deepspeed
+from ist_ds.integrations.hf_trainer_checkpoints import IST_STATE_NAME, ISTCheckpointMixin
+from ist_ds.integrations.hf_trainer_setup import read_ist_config, regroup_by_layer
+from ist_ds.model.layers import LayerMap, discover_for, set_trainable
+from ist_ds.optim.gate import LAYER_KEY
+from ist_ds.runtime.checkpoint import safe_load
+from ist_ds.runtime.collectives import default_collectives
+from ist_ds.runtime.controller import ISTController
 
 logger = logging.getLogger(__name__)
-
-#: File name of the IST state inside a Trainer checkpoint folder (``checkpoint-<step>/``).
-IST_STATE_NAME = IST_STATE_FILE
-
-
-# ---------------------------------------------------------------------------------------- config
-def read_ist_config(deepspeed_config: Mapping[str, Any] | None = None,
-                    ist_config: ISTConfig | Mapping[str, Any] | None = None) -> ISTConfig:
-    """The IST settings of a run: the explicit ``ist_config``, else the DeepSpeed config's ``ist`` block.
-
-    Both may be given only when they agree. Neither gives ``ISTConfig(enabled=False)``: the trainer
-    then behaves exactly like ``transformers.Trainer``.
-    """
-    block = deepspeed_config.get("ist") if deepspeed_config is not None else None
-    if ist_config is not None:
-        config = ISTConfig.from_dict(ist_config)
-        if block is not None and ISTConfig.from_dict(block) != config:
-            raise ISTConfigError(
-                "IST settings were given twice and differ: as ist_config= and as the 'ist' block of the "
-                "DeepSpeed config; keep one of them"
-            )
-        return config
-    return ISTConfig.from_dict(block)
-
-
-def _deepspeed_config_of(trainer) -> dict | None:
-    """The DeepSpeed config dict Trainer/accelerate will use, or None without DeepSpeed."""
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        plugin = trainer.accelerator.state.deepspeed_plugin
-        config = getattr(plugin, "deepspeed_config", None)
-        if isinstance(config, dict):
-            return config
-    hf_config = getattr(trainer.args, "hf_deepspeed_config", None)
-    if hf_config is not None:
-        return hf_config.config
-    return None
-
-
-# ---------------------------------------------------------------------------------------- CPU helper
-def init_cpu_deepspeed(backend: str = "gloo") -> dict:
-    """Let accelerate count the ranks of a DeepSpeed job on DeepSpeed's CPU accelerator.
-
-    accelerate derives the number of processes of a DeepSpeed job from a device backend (NCCL and
-    friends); with ``DS_ACCELERATOR=cpu`` it finds none, so every rank believes it is alone (wrong
-    ``train_batch_size``, no data sharding). Call this before each ``TrainingArguments`` and pass
-    what it returns as ``accelerator_config``: it sets up accelerate's process state over ``backend``
-    once (DeepSpeed's ``init_distributed`` runs as usual), and clears the per-Trainer accelerator
-    state so that a second Trainer in the same process gets its own DeepSpeed config.
-
-    Returns ``{"use_configured_state": True}``, or ``{}`` (nothing done) in a single process or when
-    DeepSpeed's accelerator is not the CPU one.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "LOCAL_RANK" not in os.environ:
-        return {}
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu":
-        return {}
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    world = int(os.environ["WORLD_SIZE"])
-    shared = PartialState._shared_state
-    if shared and (shared.get("distributed_type") != DistributedType.DEEPSPEED or shared.get("num_processes") != world):
-        AcceleratorState._reset_state(reset_partial_state=True)  # as TrainingArguments itself would
-    if not PartialState._shared_state:
-        previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        try:
-            PartialState(backend=backend)
-        finally:
-            if previous is None:
-                os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-            else:
-                os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
-    state = PartialState()
-    if state.distributed_type != DistributedType.DEEPSPEED or state.num_processes != world:
-        raise RuntimeError(f"accelerate set up {state.distributed_type} with {state.num_processes} processes, "
-                           f"expected DeepSpeed with WORLD_SIZE={world}")
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return {"use_configured_state": True}
 
 
 # ---------------------------------------------------------------------------------------- callback
@@ -172,7 +90,7 @@ class _ISTCallback(TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------- trainer
-class ISTTrainerMixin:
+class ISTTrainerMixin(ISTCheckpointMixin):
     """Adds IST to a ``transformers.Trainer`` (sub)class: ``class MyTrainer(ISTTrainerMixin, SFTTrainer)``.
 
     Extra keyword arguments:
@@ -193,7 +111,7 @@ class ISTTrainerMixin:
     def __init__(self, *args, ist_config: ISTConfig | Mapping[str, Any] | None = None, scoring_dataset=None,
                  scoring_data_collator: Callable | None = None, ist_log_layers: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        ds_config = _deepspeed_config_of(self)
+        ds_config = hf_compat.trainer_deepspeed_config(self)
         self.ist_config: ISTConfig = read_ist_config(ds_config, ist_config)
         if self.ist_config.enabled and ds_config is not None:
             refuse_unsupported(ds_config, self.model)  # partial/NVMe offload, pipeline parallelism
@@ -214,6 +132,11 @@ class ISTTrainerMixin:
             return
         if self.model is not None:  # fail early on a model IST cannot use
             self.ist_config.resolve(self._ist_layer_map(self.model).num_layers)
+        changed = hf_compat.trainer_internal_problems()
+        if changed:  # the checkpoint hooks may not run: IST state missing from checkpoints, or not restored
+            logger.warning("transformers %s differs from the version ISTTrainer was checked against (%s): %s",
+                           hf_compat.versions()["transformers"], hf_compat.CHECKED_VERSIONS["transformers"],
+                           "; ".join(changed))
         self.add_callback(_ISTCallback(self))
 
     def _ist_layer_map(self, model: torch.nn.Module) -> LayerMap:
@@ -224,7 +147,7 @@ class ISTTrainerMixin:
             live = {id(p) for p in model.parameters()}
             if all(id(p) in live for layer in cached.layers for _, p in layer.params):
                 return cached
-        self._ist_layers = _discover(model, self.ist_config)
+        self._ist_layers = discover_for(model, self.ist_config)
         return self._ist_layers
 
     # ------------------------------------------------------------------ optimizer
@@ -232,7 +155,7 @@ class ISTTrainerMixin:
         """Trainer's optimizer (its class, arguments and weight-decay groups), one param group per layer."""
         optimizer = super().create_optimizer(model)
         if self.ist_config.enabled and optimizer is not None:
-            _regroup_by_layer(optimizer, self._ist_layer_map(self.model if model is None else model))
+            regroup_by_layer(optimizer, self._ist_layer_map(self.model if model is None else model))
         return optimizer
 
     # ------------------------------------------------------------------ training
@@ -243,8 +166,10 @@ class ISTTrainerMixin:
         self._ist_resume_from = os.fspath(path) if path is not None else None
         if self._ist_resume_from is not None and self.ist_config.enabled:
             self._ist_verify(self._ist_resume_from)
-        safe = (_safe_deepspeed_loads() if self._ist_resume_from is not None and self.ist_config.enabled
-                and getattr(self, "is_deepspeed_enabled", False) else contextlib.nullcontext())
+        # Trainer builds the engine and loads its checkpoint inside train, before any callback runs:
+        # DeepSpeed reads its files as plain data (safe_load) for that time.
+        safe = (ds_compat.checkpoint_files_loaded_with(safe_load) if self._ist_resume_from is not None
+                and self.ist_config.enabled and hf_compat.trainer_uses_deepspeed(self) else contextlib.nullcontext())
         try:
             with safe:
                 return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -268,9 +193,9 @@ class ISTTrainerMixin:
                                       collectives, forward=self._ist_forward, rank=collectives.rank)
         self.ist = controller
         self._ist_active = True
-        if getattr(self, "is_deepspeed_enabled", False) and self.model_wrapped.zero_optimization_stage() == 3:
+        if hf_compat.trainer_uses_deepspeed(self) and self.model_wrapped.zero_optimization_stage() == 3:
             zero3_linear.install()  # frozen linears stop saving their inputs for backward
-        if getattr(self, "is_deepspeed_enabled", False):
+        if hf_compat.trainer_uses_deepspeed(self):
             # ZeRO-1/2/3: no gradient partitions for unselected layers; offload/drop park their masters too
             install_zero_memory(self.model_wrapped, controller, config, collectives.rank)
         if self._ist_resume_from is not None:
@@ -323,16 +248,16 @@ class ISTTrainerMixin:
             self._ist_active = False
 
     def _ist_backend_name(self) -> str:
-        if getattr(self, "is_deepspeed_enabled", False):
+        if hf_compat.trainer_uses_deepspeed(self):
             return f"DeepSpeed ZeRO-{self.model_wrapped.zero_optimization_stage()}"
-        if getattr(self, "is_fsdp_enabled", False):
+        if hf_compat.trainer_uses_fsdp(self):
             return "FSDP"
         return f"{self.args.parallel_mode.value}, {self.args.world_size} process(es)"
 
     def _ist_stepped_optimizer(self):
         """The optimizer object whose ``step`` updates the parameters (the one the gate must wrap)."""
-        if getattr(self, "is_deepspeed_enabled", False):
-            optimizer = getattr(self.model_wrapped, "basic_optimizer", None)
+        if hf_compat.trainer_uses_deepspeed(self):
+            optimizer = ds_compat.basic_optimizer(self.model_wrapped)
         else:
             optimizer = self.optimizer
             while hasattr(getattr(optimizer, "optimizer", None), "param_groups"):  # accelerate's wrappers
@@ -361,11 +286,11 @@ class ISTTrainerMixin:
             import datasets
 
             if isinstance(dataset, datasets.Dataset):
-                dataset = self._remove_unused_columns(dataset, description="IST scoring")
+                dataset = hf_compat.remove_unused_columns(self, dataset, "IST scoring")
             else:
-                collator = self._get_collator_with_removed_columns(collator, description="IST scoring")
+                collator = hf_compat.collator_removing_unused_columns(self, collator, "IST scoring")
         else:
-            collator = self._get_collator_with_removed_columns(collator, description="IST scoring")
+            collator = hf_compat.collator_removing_unused_columns(self, collator, "IST scoring")
         probe = collator([dataset[0]])
         if "labels" not in probe:
             raise ISTConfigError(
@@ -377,7 +302,7 @@ class ISTTrainerMixin:
 
     def _ist_forward(self, model, batch: dict) -> torch.Tensor:
         """One scoring forward, prepared as Trainer prepares training inputs (device, dtype, autocast)."""
-        inputs = self._prepare_input({k: v for k, v in batch.items() if k != "labels"})
+        inputs = hf_compat.prepare_inputs(self, {k: v for k, v in batch.items() if k != "labels"})
         with self.compute_loss_context_manager():
             return model(**inputs).logits
 
@@ -405,147 +330,9 @@ class ISTTrainerMixin:
         self._ist_steps_since_log = 0
         return out
 
-    # ------------------------------------------------------------------ checkpoints
-    @contextlib.contextmanager
-    def _ist_full_view(self):
-        """While Trainer saves: every layer trainable, offloaded optimizer state back in the optimizer.
-
-        Trainer saves PEFT models with ``exclude_frozen_parameters`` under DeepSpeed, and an
-        optimizer saves only the state it holds; both would otherwise drop unselected layers.
-        """
-        if not self._ist_active or self._ist_view_depth:
-            yield
-            return
-        controller = self.ist
-        gate = controller.gate
-        self._ist_view_depth += 1
-        try:
-            gate.restore_all()
-            set_trainable(controller.layer_map, range(controller.num_layers))
-            yield
-        finally:
-            self._ist_view_depth -= 1
-            set_trainable(controller.layer_map, controller.selected)
-            gate.select(controller.selected)
-
-    def _save_checkpoint(self, model, trial, *args, **kwargs):
-        with self._ist_full_view():
-            run_dir = (self._get_output_dir(trial=trial) if hasattr(self, "_get_output_dir")
-                       else self.args.output_dir)
-            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            if self._ist_active and self.args.should_save:
-                self._ist_save(folder)
-            out = super()._save_checkpoint(model, trial, *args, **kwargs)
-            if self._ist_active and os.path.isdir(folder):
-                # Every rank has written its files; the checksums of all of them, hashed by all ranks.
-                write_manifest(folder, self.ist.comm, self.ist_config.verify_engine_files)
-            return out
-
-    def _ist_save(self, folder: str) -> None:
-        """Write ``ist_state.pt``: the controller's state, plus which layers the optimizer holds no state for."""
-        gate = self.ist.gate
-        state = self.ist.state_dict()
-        state["trainer"] = {"layers_without_optimizer_state": [
-            layer for layer in gate.all_layers
-            if not any(t in gate.optimizer.state and gate.optimizer.state[t] for t in gate.masters(layer))]}
-        os.makedirs(folder, exist_ok=True)
-        atomic_torch_save(state, os.path.join(folder, IST_STATE_NAME))  # never half-written
-
-    def _load_optimizer_and_scheduler(self, checkpoint, *args, **kwargs):
-        # torch.distributed.checkpoint (FSDP2) refuses to load an optimizer state dict that lacks the
-        # state of a parameter requiring grad; layers IST never trained (or dropped) have none. Such
-        # parameters are marked frozen while the optimizer loads, so their state is left empty.
-        layers = []
-        if checkpoint is not None and self.ist_config.enabled and getattr(self, "is_fsdp_enabled", False):
-            path = os.path.join(checkpoint, IST_STATE_NAME)
-            if os.path.isfile(path):
-                saved = safe_load(path)
-                layers = list((saved.get("trainer") or {}).get("layers_without_optimizer_state", []))
-        params = self._ist_layer_map(self.model).parameters_of(layers) if layers else []
-        flags = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            return super()._load_optimizer_and_scheduler(checkpoint, *args, **kwargs)
-        finally:
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
-
-    def save_model(self, *args, **kwargs):
-        with self._ist_full_view():
-            return super().save_model(*args, **kwargs)
-
-    def _load_best_model(self, *args, **kwargs):
-        # Training is over: hand every layer back before Trainer loads the best weights (and, under
-        # DeepSpeed, that checkpoint's optimizer state, which must not be mixed with offloaded state).
-        self._ist_finish()
-        return super()._load_best_model(*args, **kwargs)
-
-    def _ist_verify(self, checkpoint: str) -> None:
-        """Check the checkpoint's manifest on every rank together, before Trainer loads anything."""
-        if not any(os.path.isfile(os.path.join(checkpoint, n)) for n in (IST_STATE_NAME, MANIFEST_FILE)):
-            return  # a checkpoint written without IST: Trainer's own business
-        verify_checkpoint(checkpoint, default_collectives(), self.ist_config.verify_engine_files)
-
-    def _ist_load(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, IST_STATE_NAME)
-        if not os.path.isfile(path):
-            logger.warning("checkpoint %s holds no %s; IST starts afresh at step %d", checkpoint, IST_STATE_NAME,
-                           self.state.global_step)
-            self.ist.step = self.state.global_step
-            return
-        state = safe_load(path)
-        saved = state.get("config") or {}
-        changed = sorted(k for k, v in self.ist_config.to_dict().items() if k in saved and saved[k] != v)
-        if changed:
-            logger.warning("resuming with IST settings that differ from the checkpoint's: %s",
-                           ", ".join(f"{k}: {saved[k]!r} -> {getattr(self.ist_config, k)!r}" for k in changed))
-        self.ist.load_state_dict(state)
-        logger.info("IST state restored from %s (step %d, selected %s)", path, self.ist.step, self.ist.selected)
-
 
 class ISTTrainer(ISTTrainerMixin, Trainer):
     """``transformers.Trainer`` with IST; see :class:`ISTTrainerMixin` for the extra arguments."""
-
-
-# ---------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def _safe_deepspeed_loads():
-    """While Trainer resumes: DeepSpeed reads its checkpoint files as plain data (ist_ds.runtime.checkpoint.safe_load).
-
-    Trainer builds the engine and loads its checkpoint inside ``train``, before any callback runs, so
-    the engine's checkpoint engine is patched at the class for that time.
-    """
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    original = TorchCheckpointEngine.load
-    TorchCheckpointEngine.load = lambda self, path, map_location=None: safe_load(path, map_location)
-    try:
-        yield
-    finally:
-        TorchCheckpointEngine.load = original
-
-
-def _regroup_by_layer(optimizer, layer_map: LayerMap) -> None:
-    """Split an optimizer's param groups by IST layer, in place (groups keep their options)."""
-    from accelerate.utils import DummyOptim
-
-    if isinstance(optimizer, DummyOptim):  # DeepSpeed config's optimizer: these become model_parameters
-        params = list(optimizer.params)
-        if not (params and isinstance(params[0], dict) and all(LAYER_KEY in g for g in params)):
-            optimizer.params = layer_param_groups(layer_map, params)
-        return
-    groups = optimizer.param_groups
-    if groups and all(LAYER_KEY in g for g in groups):
-        return
-    if optimizer.state:
-        raise ISTConfigError("the optimizer has already stepped; IST needs to regroup it per layer before "
-                             "its first step")
-    regrouped = layer_param_groups(layer_map, groups)
-    optimizer.param_groups = []
-    for group in regrouped:
-        optimizer.add_param_group(group)
-    logger.info("%s regrouped into %d per-layer param groups", type(optimizer).__name__, len(regrouped))
 
 
 __all__ = ["ISTTrainer", "ISTTrainerMixin", "IST_STATE_NAME", "init_cpu_deepspeed", "read_ist_config"]

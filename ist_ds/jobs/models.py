@@ -22,6 +22,7 @@ import transformers
 from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
+from ist_ds.compat import transformers as hf_compat
 from ist_ds.core.errors import ISTConfigError
 
 logger = logging.getLogger(__name__)
@@ -114,20 +115,16 @@ _CONFIG_AND_MODEL: dict[str, tuple[type, type]] = {
 
 def causal_lm_archs() -> list[str]:
     """Every ``model_type`` transformers can build as a causal LM from a config (its ``AutoConfig`` names)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return hf_compat.causal_lm_model_types()
 
 
 def check_arch(arch: str) -> None:
     """Raise ``ISTConfigError`` unless transformers knows ``arch`` as a causal-LM architecture."""
     if arch in _CONFIG_AND_MODEL:
         return
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
     if arch in causal_lm_archs():
         return
-    if arch in CONFIG_MAPPING_NAMES:
+    if arch in hf_compat.config_model_types():
         raise ISTConfigError(f"arch {arch!r} is known to transformers but has no causal-LM head "
                              "(AutoModelForCausalLM cannot build it)")
     close = [a for a in causal_lm_archs() if a.startswith(arch[:3])][:8]

@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 
+from ist_ds.compat import transformers as hf_compat
 from ist_ds.core.errors import ISTModelError
 
 logger = logging.getLogger(__name__)
@@ -115,9 +116,9 @@ def convert_gguf(source: str, target: str, atol: float = 0.0) -> None:
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ISTModelError(f"transformers cannot load the GGUF file {source}: {e}") from e
     config = copy.deepcopy(loaded.config)
-    for attr in ("quantization_config", "_name_or_path"):
-        if hasattr(config, attr):
-            delattr(config, attr)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    hf_compat.drop_config_source(config)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
 
