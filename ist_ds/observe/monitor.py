@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ist_ds.compat import monitor as monitor_compat
+
 logger = logging.getLogger(__name__)
 
 #: Event files go to ``<output_dir>/TENSORBOARD_DIR/JOB_NAME`` (DeepSpeed: ``output_path/job_name``).
@@ -96,17 +98,16 @@ class DeepSpeedMonitor(Monitor):
             self.master.write_events([(tag, float(value), int(step)) for tag, value in scalars.items()])
 
     def close(self) -> None:
-        tb = getattr(self.master, "tb_monitor", None)
-        if tb is not None and getattr(tb, "summary_writer", None) is not None:
-            tb.summary_writer.flush()  # the engine owns the writer and may still write to it
+        monitor_compat.flush_tensorboard(self.master)  # the engine owns the writer and may still write to it
 
 
 def build_monitor(recipe, backend, rank: int) -> Monitor:
     """The monitor of a job on this rank: DeepSpeed's when the engine has one enabled, else a SummaryWriter."""
     if rank != 0 or not recipe.training.tensorboard:
         return Monitor()
-    master = getattr(getattr(backend, "engine", None), "monitor", None)
-    if master is not None and getattr(master, "enabled", False):
+    engine = getattr(backend, "engine", None)
+    master = monitor_compat.deepspeed_monitor(engine) if engine is not None else None
+    if master is not None:
         logger.info("TensorBoard: DeepSpeed monitor, events in %s", _deepspeed_log_dir(master))
         monitor: Monitor = DeepSpeedMonitor(master)
     else:
@@ -148,10 +149,7 @@ class PeakStateProbe:
 
 
 def _deepspeed_log_dir(master) -> str:
-    tb = getattr(master, "tb_monitor", None)
-    if tb is None:
-        return "(no TensorBoard; other DeepSpeed monitors)"
-    return os.path.join(str(tb.output_path), str(tb.job_name))
+    return monitor_compat.tensorboard_event_dir(master) or "(no TensorBoard; other DeepSpeed monitors)"
 
 
 # ---------------------------------------------------------------------- scalars
