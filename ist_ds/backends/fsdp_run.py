@@ -111,6 +111,9 @@ class FSDPIST:
             out[name] = full.detach().cpu().clone()
         return out
 
+    def trainable_named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """``(name, parameter)`` of every IST layer's PEFT parameters, then those outside the blocks."""
+        return [np for layer in self.layer_map.layers for np in layer.params] + list(self.layer_map.outside_params)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, checkpoint_dir: str | os.PathLike, *, model_weights: str = "trainable") -> None:
