@@ -1,7 +1,8 @@
 """Integrations of IST into third-party training loops.
 
 - :mod:`ist_ds.integrations.hf_trainer`: Hugging Face ``transformers.Trainer`` (DeepSpeed ZeRO 0-3,
-  FSDP, DDP or one process) through :class:`ISTTrainer` / :class:`ISTTrainerMixin`.
+  FSDP, DDP or one process) through :class:`ISTTrainer` / :class:`ISTTrainerMixin`;
+  :func:`~ist_ds.integrations.cpu_deepspeed.init_cpu_deepspeed` for its DeepSpeed jobs on the CPU.
 
 Names are imported lazily so that ``import ist_ds.integrations`` does not import ``transformers``.
 """
@@ -14,6 +15,10 @@ __all__ = list(_HF_TRAINER_NAMES)
 
 
 def __getattr__(name: str):
+    if name == "init_cpu_deepspeed":  # needs neither transformers nor the Trainer
+        from ist_ds.integrations.cpu_deepspeed import init_cpu_deepspeed
+
+        return init_cpu_deepspeed
     if name in _HF_TRAINER_NAMES:
         from ist_ds.integrations import hf_trainer
 
