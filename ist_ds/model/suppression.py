@@ -73,7 +73,7 @@ from peft.tuners.lycoris_utils import LycorisLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ist_ds.core.errors import ISTConfigError, ISTModelError
-from ist_ds.model.layers import LayerMap
+from ist_ds.model.layer_map import LayerMap
 
 logger = logging.getLogger(__name__)
 
