@@ -86,7 +86,7 @@ def make_full_model():
     ``discover_full_layers`` sets ``requires_grad`` as full mode does (blocks on, the rest off), so the
     baseline and LISA rows train exactly the parameters the IST rows train.
     """
-    from ist_ds.model.layers import discover_full_layers
+    from ist_ds.model.full_layers import discover_full_layers
     from ist_ds.jobs.models import build_model
 
     model = build_model("llama", seed=0, **common.MODEL)

@@ -1,7 +1,8 @@
 """ist_ds: Importance-aware Sparse Tuning for PEFT on DeepSpeed ZeRO and PyTorch FSDP2."""
 
 from ist_ds.core import ISTConfig, ImportanceState
-from ist_ds.core.errors import ISTAgreementError, ISTCheckpointError, ISTConfigError, ISTDataError, ISTError, ISTModelError
+from ist_ds.core.errors import (ISTAgreementError, ISTCheckpointError, ISTConfigError, ISTDataError, ISTError,
+                                ISTLaunchError, ISTModelError)
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,5 @@ def initialize(*args, **kwargs):
 
 __all__ = [
     "ISTConfig", "ImportanceState", "initialize", "ISTError", "ISTConfigError", "ISTModelError",
-    "ISTDataError", "ISTCheckpointError", "ISTAgreementError", "__version__",
+    "ISTDataError", "ISTCheckpointError", "ISTLaunchError", "ISTAgreementError", "__version__",
 ]

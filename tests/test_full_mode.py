@@ -29,7 +29,8 @@ from torch.utils.data import default_collate
 from distributed import run_ranks
 from ist_ds.core import ISTConfig
 from ist_ds.core.errors import ISTConfigError, ISTModelError
-from ist_ds.model.layers import discover_for, discover_full_layers
+from ist_ds.model.full_layers import discover_full_layers
+from ist_ds.model.layers import discover_for
 from ist_ds.jobs.models import build_model
 from ist_ds.model.suppression import suppress
 

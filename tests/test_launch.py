@@ -27,7 +27,9 @@ from distributed import free_port, run_ranks
 from test_job import ROOT, VENV_BIN, _env
 
 from ist_ds.core import ISTConfig
-from ist_ds.jobs.dist_env import ISTLaunchError, discover, expand_nodelist, first_slurm_host, tasks_on_node
+from ist_ds.core.errors import ISTLaunchError
+from ist_ds.jobs.dist_env import discover
+from ist_ds.jobs.launcher_env import expand_nodelist, first_slurm_host, tasks_on_node
 from ist_ds.jobs.recipe import Recipe
 
 PYTHON = os.path.join(VENV_BIN, "python")
@@ -317,7 +319,7 @@ def test_multinode_plan_commands(plan_module, capsys):
 
 def test_deepspeed_openmpi_launcher_command():
     """What `deepspeed --launcher openmpi --hostfile ...` runs: one mpirun over the hostfile, no MASTER_ADDR
-    exported (the ranks find it with mpi4py, see dist_env)."""
+    exported (the ranks find it with mpi4py, see launcher_env)."""
     from deepspeed.launcher.multinode_runner import OpenMPIRunner
     from deepspeed.launcher.runner import encode_world_info, fetch_hostfile, parse_args
 

@@ -13,7 +13,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from ist_ds.core.errors import ISTConfigError, ISTModelError
-from ist_ds.model.layers import LayerMap, discover_layers, set_trainable
+from ist_ds.model.layer_map import LayerMap
+from ist_ds.model.layers import discover_layers, set_trainable
 from ist_ds.jobs.models import ARCHS, DEFAULT_TARGET_MODULES, METHODS, apply_peft, build_model
 from ist_ds.model.suppression import suppress, uses_scaling
 

@@ -52,7 +52,7 @@ def runs(tmp_path_factory):
 
 
 def _scalars(run_dir):
-    from ist_ds.observe.report import read_scalars
+    from ist_ds.observe.run_data import read_scalars
 
     return read_scalars(str(run_dir))
 
@@ -153,7 +153,7 @@ def test_report_merges_a_resumed_runs_event_files(tmp_path):
     import time
 
     from ist_ds.observe.monitor import SummaryWriterMonitor
-    from ist_ds.observe.report import read_scalars
+    from ist_ds.observe.run_data import read_scalars
 
     first = SummaryWriterMonitor(str(tmp_path / "tensorboard" / "train"))
     for step in (0, 4, 8, 12):  # the first run got to step 12, its last checkpoint was step 8

@@ -166,3 +166,28 @@ def test_python_random_is_seeded_per_rank():
         seed_rank(3, rank)
         draws.append([random.random() for _ in range(3)])
     assert draws[0] == draws[2] and draws[0] != draws[1]
+
+
+def test_output_dir_check_names_the_directory_that_decides(tmp_path, monkeypatch):
+    """An existing output_dir, or the nearest existing ancestor of a new one, must be a writable directory."""
+    from ist_ds.jobs.preflight import CheckReport, _check_output_dir
+
+    (tmp_path / "a_file").write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access  # root may write anywhere, so "not writable" is what os.access says of `locked`
+    monkeypatch.setattr(os, "access", lambda p, mode: p != str(locked) and real_access(p, mode))
+    cases = {
+        str(tmp_path): ("fact", "exists, writable"),
+        str(tmp_path / "new" / "deeper"): ("fact", "will be created"),
+        str(tmp_path / "a_file"): ("problem", "exists and is not a directory"),
+        str(tmp_path / "a_file" / "out"): ("problem", f"cannot be created: {tmp_path / 'a_file'} is not a directory"),
+        str(locked): ("problem", "exists and is not writable"),
+        str(locked / "out" / "deeper"): ("problem", f"cannot be created: {locked} is not writable"),
+    }
+    for path, (kind, needle) in cases.items():
+        report = CheckReport()
+        _check_output_dir(path, report)
+        found = report.facts if kind == "fact" else report.problems
+        assert len(report.facts) + len(report.problems) == 1 and needle in found[0], (path, report)
+    assert not (tmp_path / "new").exists()  # the check creates nothing

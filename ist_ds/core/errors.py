@@ -27,6 +27,11 @@ class ISTCheckpointError(ISTError):
     """A checkpoint is missing, corrupted, or belongs to a different model or configuration."""
 
 
+class ISTLaunchError(ISTError, RuntimeError):
+    """The job could not be formed: launcher variables missing or inconsistent, the master unreachable,
+    or peers that never joined. The message names the address and what to check."""
+
+
 class ISTAgreementError(RuntimeError):
     """Ranks disagree on the IST state (selection, scores or step).
 

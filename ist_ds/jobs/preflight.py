@@ -11,7 +11,7 @@ problem at once:
   created), and with ``--resume`` a complete checkpoint in ``output_dir/checkpoints``;
 - the model: its config, built on the meta device (no memory, no weights), with the PEFT method
   applied and the transformer blocks discovered as the backend will, and the ``ist`` counts resolved
-  against the number of blocks;
+  against the number of blocks (:mod:`ist_ds.jobs.preflight_model`);
 - the batch arithmetic at a given world size (micro batch x ranks x accumulation, steps per epoch);
 - the DeepSpeed config the job would pass to ``deepspeed.initialize`` (the user's file completed
   from the recipe), validated by DeepSpeed's own config class;
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ist_ds.core.errors import ISTConfigError, ISTError
+from ist_ds.jobs.preflight_model import check_model
 from ist_ds.jobs.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,16 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def error(self, key: str, e: BaseException) -> None:
+        """Record an exception raised while checking ``key``: an :class:`ISTError`'s own message (it names
+        the key already), anything else prefixed with the key and the exception type; on one line."""
+        text = " ".join(str(e).split())
+        self.problems.append(text if isinstance(e, ISTError) else f"{key}: {type(e).__name__}: {text}")
+
+    def missing(self, key: str, path: str, hint: str = "") -> None:
+        """Record that the path ``key`` names does not exist (``hint``: what was expected there)."""
+        self.problems.append(f"{key}: path does not exist: {path}" + (f" ({hint})" if hint else ""))
 
 
 def checkpoint_dir(recipe: Recipe) -> str:
@@ -89,14 +100,9 @@ def check_recipe(recipe: Recipe, world_size: int = 1, *, resume: bool = False,
     ist = recipe.ist
     if recipe.backend.name == "deepspeed" and batches_ok:  # its batch sizes derive from the arithmetic
         ist = _check_deepspeed(recipe, world_size, total_steps, report) or ist
-    _check_model(recipe, tokenizer, ist, report)
+    check_model(recipe, tokenizer, ist, report)
     report.total_steps = total_steps
     return report
-
-
-def _problem(report: CheckReport, key: str, e: BaseException) -> None:
-    text = " ".join(str(e).split())
-    report.problems.append(text if isinstance(e, ISTError) else f"{key}: {type(e).__name__}: {text}")
 
 
 # ------------------------------------------------------------------------------------------- options
@@ -117,23 +123,17 @@ def _check_backend_options(recipe: Recipe, world_size: int, resume: bool, report
 def _check_output_dir(path: str, report: CheckReport) -> None:
     """``path`` is a writable directory, or the nearest existing ancestor is one (so it can be created)."""
     target = os.path.abspath(path)
-    if os.path.exists(target):
-        if not os.path.isdir(target):
-            report.problems.append(f"output_dir {path!r} exists and is not a directory")
-        elif not os.access(target, os.W_OK | os.X_OK):
-            report.problems.append(f"output_dir {path!r} is not writable")
-        else:
-            report.facts.append(f"output_dir: {path} (exists, writable)")
-        return
-    parent = os.path.dirname(target)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        report.problems.append(f"output_dir {path!r} cannot be created: {parent} is not a directory")
-    elif not os.access(parent, os.W_OK | os.X_OK):
-        report.problems.append(f"output_dir {path!r} cannot be created: {parent} is not writable")
+    nearest = target
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    exists = nearest == target
+    subject = f"output_dir {path!r} exists and" if exists else f"output_dir {path!r} cannot be created: {nearest}"
+    if not os.path.isdir(nearest):
+        report.problems.append(f"{subject} is not a directory")
+    elif not os.access(nearest, os.W_OK | os.X_OK):
+        report.problems.append(f"{subject} is not writable")
     else:
-        report.facts.append(f"output_dir: {path} (will be created)")
+        report.facts.append(f"output_dir: {path} ({'exists, writable' if exists else 'will be created'})")
 
 
 def _check_resume(recipe: Recipe, allow_fresh_start: bool, report: CheckReport) -> None:
@@ -143,7 +143,7 @@ def _check_resume(recipe: Recipe, allow_fresh_start: bool, report: CheckReport) 
     try:
         tag = read_latest(directory) if os.path.isdir(directory) else None
     except ISTError as e:
-        _problem(report, "--resume", e)
+        report.error("--resume", e)
         return
     if tag is not None:
         report.facts.append(f"resume: from {os.path.join(directory, tag)}")
@@ -155,22 +155,18 @@ def _check_resume(recipe: Recipe, allow_fresh_start: bool, report: CheckReport) 
                                "checkpoint exists and start from scratch otherwise")
 
 
-def _missing(key: str, path: str) -> str:
-    return f"{key}: path does not exist: {path}"
-
-
 def _check_tokenizer(recipe: Recipe, report: CheckReport) -> Any:
     from ist_ds.jobs.data import load_tokenizer
 
     name = recipe.data.tokenizer
     if name is not None and name != "byte" and not os.path.exists(name):
         # A local directory is meant (nothing is downloaded); say so instead of a hub "repo id" error.
-        report.problems.append(_missing("data.tokenizer", name) + " (a local tokenizer directory, or 'byte')")
+        report.missing("data.tokenizer", name, "a local tokenizer directory, or 'byte'")
         return None
     try:
         tokenizer = load_tokenizer(name)
     except Exception as e:  # noqa: BLE001 - every failure to load is a finding of the check
-        _problem(report, "data.tokenizer", e)
+        report.error("data.tokenizer", e)
         return None
     report.facts.append(f"tokenizer: {name or 'byte'} ({len(tokenizer)} tokens)")
     return tokenizer
@@ -184,14 +180,14 @@ def _check_data(recipe: Recipe, report: CheckReport) -> int | None:
     bad = False
     for key, path in (("data.train", d.train), ("data.test", d.test)):
         if path is not None and path != EMBEDDED_TASK_NAME and not os.path.exists(path):
-            report.problems.append(_missing(key, path))
+            report.missing(key, path)
             bad = True
     if bad:
         return None
     try:
         task = load_task(d.train, test_path=d.test, num_train=d.num_train, num_test=d.num_test, seed=d.seed)
     except Exception as e:  # noqa: BLE001
-        _problem(report, "data.train", e)
+        report.error("data.train", e)
         return None
     report.facts.append(f"data: {task.name}, {len(task.train)} training records, {len(task.test)} test records")
     return len(task.train)
@@ -239,118 +235,12 @@ def _check_deepspeed(recipe: Recipe, world: int, total_steps: int | None, report
         rest = dict(rest, train_batch_size=rest["train_micro_batch_size_per_gpu"] * rest["gradient_accumulation_steps"])
         validated_config(rest)
     except Exception as e:  # noqa: BLE001 - DeepSpeed raises ValueError, AssertionError, pydantic errors
-        _problem(report, "DeepSpeed config", e)
+        report.error("DeepSpeed config", e)
         return None
     stage = config["zero_optimization"].get("stage", 0)
     source = recipe.backend.deepspeed_config if isinstance(recipe.backend.deepspeed_config, str) else "the recipe"
     report.facts.append(f"DeepSpeed config: ZeRO stage {stage}, from {source}; valid")
     return ist
-
-
-# ---------------------------------------------------------------------------------------------- model
-def _check_model(recipe: Recipe, tokenizer, ist, report: CheckReport) -> None:
-    model = _meta_model(recipe, tokenizer, report)
-    if model is None:
-        return
-    from ist_ds.model.layers import discover_full_layers, discover_layers
-    from ist_ds.jobs.models import apply_peft
-
-    p = recipe.peft
-    try:
-        if ist.target == "full":
-            # keep_initial copies weights to the host; a meta model has none, and the map is the same.
-            layer_map = discover_full_layers(model, ist.blocks_path, ist.full_params, ist.train_outside or "never")
-        else:
-            extra = {"modules_to_save": list(p.modules_to_save)} if p.modules_to_save else {}
-            model = apply_peft(model, p.method, r=p.r, alpha=p.alpha, dropout=p.dropout,
-                               target_modules=list(p.target_modules) if p.target_modules else None, **extra)
-            layer_map = discover_layers(model, ist.blocks_path)
-        trainable = sum(param.numel() for layer in layer_map.layers for _, param in layer.params)
-        counts = ist.resolve(layer_map.num_layers) if ist.enabled else None
-    except Exception as e:  # noqa: BLE001
-        _problem(report, "peft" if ist.target != "full" else "ist", e)
-        return
-    what = f"{p.method} on {', '.join(p.target_modules)}" if p.target_modules and ist.target != "full" else (
-        "the blocks' own weights" if ist.target == "full" else f"{p.method} on the default modules")
-    line = (f"layers: {layer_map.num_layers} transformer blocks at {layer_map.blocks_path!r}, {what}: "
-            f"{trainable:,} trainable parameters in the blocks, {len(layer_map.outside_params)} outside")
-    if counts is not None:
-        line += f"; IST trains {counts.num_train} of {counts.num_layers} per step"
-    report.facts.append(line)
-
-
-def _meta_model(recipe: Recipe, tokenizer, report: CheckReport):
-    """The recipe's model on the meta device: its structure without memory or weights, or None."""
-    m = recipe.model
-    try:
-        if m.gguf_file:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            from ist_ds.jobs.pretrained import gguf_path
-
-            source = gguf_path(m.path, m.gguf_file)
-            if not os.path.isfile(source):
-                report.problems.append(_missing("model.gguf_file", source) + " (a local GGUF file)")
-                return None
-            try:
-                import gguf  # noqa: F401
-            except ImportError:
-                report.problems.append("model.gguf_file: reading a GGUF file needs the 'gguf' package "
-                                       "(pip install -r requirements-models.txt)")
-                return None
-            folder, name = os.path.split(os.path.abspath(source))
-            config = AutoConfig.from_pretrained(folder, gguf_file=name)  # the file's header only
-            if not _has_blocks(config, f"model.gguf_file {source!r}", report):
-                return None
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config)
-            source = f"{source} ({type(model).__name__}, GGUF header only)"
-        elif m.path:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            if not os.path.exists(m.path):
-                report.problems.append(_missing("model.path", m.path) + " (a local model directory; nothing is "
-                                       "downloaded)")
-                return None
-            if not os.path.isdir(m.path):
-                report.problems.append(f"model.path {m.path!r} is a file; it must be a model directory")
-                return None
-            if not os.path.isfile(os.path.join(m.path, "config.json")):
-                report.problems.append(f"model.path {m.path!r} has no config.json: not a Hugging Face model "
-                                       "directory (save one with save_pretrained)")
-                return None
-            config = AutoConfig.from_pretrained(m.path)
-            if not _has_blocks(config, f"model.path {m.path!r}", report):
-                return None
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config)
-            source = f"{m.path} ({type(model).__name__}, config only)"
-        else:
-            from ist_ds.jobs.models import build_model
-
-            overrides = dict(m.config)
-            if tokenizer is not None:
-                overrides.setdefault("vocab_size", len(tokenizer))
-            with torch.device("meta"):
-                model = build_model(m.arch, **overrides)
-            if not _has_blocks(model.config, "model.config", report):
-                return None
-            source = f"{m.arch} from scratch ({type(model).__name__})"
-    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, TypeError, KeyError ...
-        _problem(report, "model", e)
-        return None
-    params = sum(p.numel() for p in model.parameters())
-    report.facts.append(f"model: {source}, {params / 1e6:.1f}M parameters (built on the meta device)")
-    return model
-
-
-def _has_blocks(config, where: str, report: CheckReport) -> bool:
-    layers = getattr(config, "num_hidden_layers", None)
-    if isinstance(layers, int) and layers < 1:
-        report.problems.append(f"{where}: num_hidden_layers={layers}; the model needs at least one transformer "
-                               "block for IST to select")
-        return False
-    return True
 
 
 __all__ = ["CheckReport", "RecipeCheckError", "check_recipe", "checkpoint_dir", "preflight"]

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from ist_ds.model.layers import LayerMap
+from ist_ds.model.layer_map import LayerMap
 from ist_ds.optim.gate import LAYER_KEY
 
 logger = logging.getLogger(__name__)

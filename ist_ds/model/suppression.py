@@ -74,7 +74,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ist_ds.compat.deepspeed import is_zero3_param
 from ist_ds.core.errors import ISTConfigError, ISTModelError
-from ist_ds.model.layers import LayerMap
+from ist_ds.model.layer_map import LayerMap
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from ist_ds.compat.deepspeed import zero3_numel
 from ist_ds.runtime.collectives import LocalCollectives, fingerprint
 from ist_ds.core import ISTConfig, ImportanceState, sample_uniform_layers
 from ist_ds.core.errors import ISTCheckpointError
-from ist_ds.model.layers import LayerMap, set_trainable
+from ist_ds.model.layer_map import LayerMap
+from ist_ds.model.layers import set_trainable
 from ist_ds.optim.gate import OptimizerGate
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from ist_ds.runtime.collectives import LocalCollectives
-from ist_ds.model.layers import LayerMap
+from ist_ds.model.layer_map import LayerMap
 from ist_ds.model.suppression import suppress
 
 IGNORE_INDEX = -100
