@@ -64,7 +64,7 @@ from ist_ds.integrations.cpu_deepspeed import init_cpu_deepspeed
 from ist_ds.integrations.hf_trainer_checkpoints import IST_STATE_NAME, ISTCheckpointMixin
 from ist_ds.integrations.hf_trainer_setup import read_ist_config, regroup_by_layer
 from ist_ds.model.layers import LayerMap, discover_for, set_trainable
-from ist_ds.optim.gate import LAYER_KEY
+from ist_ds.model.param_groups import LAYER_KEY
 from ist_ds.runtime.checkpoint import safe_load
 from ist_ds.runtime.collectives import default_collectives
 from ist_ds.runtime.controller import ISTController

@@ -10,7 +10,7 @@ from ist_ds.core import ISTConfig
 from ist_ds.core.errors import ISTConfigError
 from ist_ds.model.layers import LayerMap
 from ist_ds.model.param_groups import layer_param_groups
-from ist_ds.optim.gate import LAYER_KEY
+from ist_ds.model.param_groups import LAYER_KEY
 
 logger = logging.getLogger(__name__)
 

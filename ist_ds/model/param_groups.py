@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from typing import Iterable
 
-import torch
-
 from ist_ds.model.layer_map import LayerMap
-from ist_ds.optim.gate import LAYER_KEY
 
 logger = logging.getLogger(__name__)
+
+#: The key of a param group that holds the index of its layer; the optimizer gate reads it.
+LAYER_KEY = "ist_layer"
 
 OUTSIDE = -1  # the tag of parameters outside the blocks; they train at every step
 

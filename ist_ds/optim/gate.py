@@ -25,9 +25,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from ist_ds.model.param_groups import LAYER_KEY
 from ist_ds.optim.state_store import OptimizerStateStore, live_state_bytes
-
-LAYER_KEY = "ist_layer"
 
 
 class LayerMemory(Protocol):
