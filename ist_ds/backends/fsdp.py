@@ -69,7 +69,7 @@ from ist_ds.model.layers import LayerMap, discover_for
 from ist_ds.optim.gate import LAYER_KEY, OptimizerGate
 from ist_ds.optim.state_store import live_state_bytes
 from ist_ds.model.param_groups import layer_param_groups
-from ist_ds.backends.single import build_controller
+from ist_ds.runtime.build import build_controller
 
 logger = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ from ist_ds.model.param_groups import layer_param_groups
 from ist_ds.backends import zero3_linear
 from ist_ds.backends.deepspeed_support import refuse_unsupported
 from ist_ds.backends.zero_memory import install_zero_memory
-from ist_ds.backends.single import build_controller
+from ist_ds.runtime.build import build_controller
 
 try:  # layer discovery for the config's target (PEFT blocks, or whole blocks in full mode)
     from ist_ds.model.layers import discover_for as _discover
