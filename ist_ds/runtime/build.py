@@ -17,12 +17,13 @@ import torch
 from ist_ds.core import ISTConfig
 from ist_ds.optim.gate import OptimizerGate
 from ist_ds.optim.state_store import OptimizerStateStore
+from ist_ds.runtime.collectives import Collectives
 from ist_ds.runtime.controller import ISTController
 from ist_ds.runtime.scoring import ImportanceScorer, ScoringStream
 
 
 def build_controller(model: torch.nn.Module, config: ISTConfig, optimizer: torch.optim.Optimizer, layer_map,
-                     scoring_dataset, collate_fn: Callable | None, device, collectives=None,
+                     scoring_dataset, collate_fn: Callable | None, device, collectives: Collectives | None = None,
                      forward=None, rank: int = 0) -> ISTController:
     """Wire the gate, the state store and the scorer around ``optimizer`` (the one the backend steps)."""
     store = OptimizerStateStore(config.optimizer_state, config.offload_target, config.offload_dir, rank=rank)
