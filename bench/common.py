@@ -37,8 +37,14 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# The synthetic model and data are the tests' own (tests/helpers.py), one copy for both.
+TESTS = os.path.join(ROOT, "tests")
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
 
 import torch  # noqa: E402
+
+import helpers  # noqa: E402
 
 MODEL = dict(num_hidden_layers=8, hidden_size=256, intermediate_size=688, num_attention_heads=4,
              num_key_value_heads=4)
@@ -60,20 +66,14 @@ def quiet() -> None:
 
 
 def make_model(seed: int = 0, **overrides):
-    from ist_ds.jobs.models import apply_peft, build_model
-
-    model = build_model("llama", seed=seed, **{**MODEL, **overrides})
-    return apply_peft(model, "lora", **LORA)
+    """The benchmark model (:data:`MODEL`, ``overrides`` on top) with LoRA as in :data:`LORA`."""
+    config = {**MODEL, **overrides}
+    return helpers.make_model(seed, config.pop("num_hidden_layers"), **LORA, **config)
 
 
 def make_data(n: int = 64, seq: int = SEQ, seed: int = 1) -> list[dict]:
     """Random byte sequences with labels = inputs (the model is random, so content does not matter)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(0, 256, (seq,), generator=g)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": ids.clone()})
-    return rows
+    return helpers.make_data(n, seq, seed)
 
 
 def collate(rows: list[dict]) -> dict:

@@ -98,7 +98,7 @@ def parse_args(argv: list[str]):
 def build(recipe):
     """Model (with adapters), tokenizer, train and held-out datasets and collator, as the job runner builds them."""
     from ist_ds.jobs.data import InstructionDataset, PadCollator, load_task, load_tokenizer
-    from ist_ds.jobs.runner import build_recipe_model, model_directory, tokenizer_source, train_data_source
+    from ist_ds.jobs.assembly import build_recipe_model, model_directory, tokenizer_source, train_data_source
 
     d = recipe.data
     model_dir = model_directory(recipe)

@@ -15,37 +15,14 @@ invariants are checked after every optimizer step on both ranks:
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 from distributed import run_ranks
+from helpers import MICRO, global_batch, make_data, make_model
 
-NUM_LAYERS = 8
-SEQ = 16
-MICRO = 2
-
-
-def make_model(seed=0):
-    from ist_ds.jobs.models import apply_peft, build_model
-
-    model = build_model("llama", seed=seed, num_hidden_layers=NUM_LAYERS)
-    return apply_peft(model, "lora", r=4, alpha=8)
-
-
-def make_data(n=64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    data = []
-    for _ in range(n):
-        ids = torch.randint(0, 256, (SEQ,), generator=g)
-        data.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": ids.clone()})
-    return data
-
-
-def global_batch(data, step, world):
-    start = (step * MICRO * world) % (len(data) - MICRO * world)
-    return data[start:start + MICRO * world]
+NUM_LAYERS = 8  # make_model's default
 
 
 def ds_config(stage, mode="keep", offload_optimizer=False, bf16=False, grad_acc=1, scheduler=True,

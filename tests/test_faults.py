@@ -15,13 +15,12 @@ import torch
 
 import ist_ds.backends.deepspeed  # noqa: F401  imported once here, inherited by the forked ranks
 from distributed import run_ranks
-from test_deepspeed import make_data
+from helpers import make_data, make_model
 from ist_ds.runtime.checkpoint import (IST_STATE_FILE, MANIFEST_FILE, atomic_torch_save, read_latest, remove_stale_tmp,
                                verify_checkpoint, write_manifest)
 from ist_ds.core.errors import ISTCheckpointError, ISTConfigError
 
 NUM_LAYERS = 4
-SEQ = 16
 MICRO = 2
 
 
@@ -118,9 +117,7 @@ def test_latest_needs_a_manifest_and_stale_temporaries_go(tmp_path):
 
 # ---------------------------------------------------------------------- refused DeepSpeed setups
 def _tiny_model():
-    from ist_ds.jobs.models import apply_peft, build_model
-
-    return apply_peft(build_model("llama", seed=0, num_hidden_layers=NUM_LAYERS), "lora", r=4, alpha=8)
+    return make_model(seed=0, num_layers=NUM_LAYERS)
 
 
 def _ds_config(grad_acc=1, **ist):

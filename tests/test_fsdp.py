@@ -28,31 +28,10 @@ import ist_ds.backends.fsdp  # noqa: F401
 import torch.distributed.checkpoint  # noqa: F401
 import torch.distributed.fsdp  # noqa: F401
 from distributed import run_ranks
-from ist_ds.jobs.models import apply_peft, build_model
+from helpers import MICRO, global_batch, make_data, make_model
 
-NUM_LAYERS = 8
-SEQ = 16
-MICRO = 2
+NUM_LAYERS = 8  # make_model's default
 TRAIN_LAYERS = 2
-
-
-def make_model(seed=0, dropout=0.0):
-    model = build_model("llama", seed=seed, num_hidden_layers=NUM_LAYERS)
-    return apply_peft(model, "lora", r=4, alpha=8, dropout=dropout)
-
-
-def make_data(n=64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    data = []
-    for _ in range(n):
-        ids = torch.randint(0, 256, (SEQ,), generator=g)
-        data.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": ids.clone()})
-    return data
-
-
-def global_batch(data, step, world):
-    start = (step * MICRO * world) % (len(data) - MICRO * world)
-    return data[start:start + MICRO * world]
 
 
 def ist_block(mode="keep", target="host", offload_dir=None, **extra):

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import default_collate
 
 from distributed import run_ranks
+from helpers import make_data
 from ist_ds.core import ISTConfig
 from ist_ds.core.errors import ISTConfigError, ISTModelError
 from ist_ds.model.full_layers import discover_full_layers
@@ -35,7 +36,6 @@ from ist_ds.jobs.models import build_model
 from ist_ds.model.suppression import suppress
 
 NUM_LAYERS = 4
-SEQ = 16
 MICRO = 2
 INPUT_IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
 
@@ -238,19 +238,10 @@ def test_config_keys_and_errors():
 
 
 # ---------------------------------------------------------------------- single-process training
-def make_data(n=48, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    data = []
-    for _ in range(n):
-        ids = torch.randint(0, 256, (SEQ,), generator=g)
-        data.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": ids.clone()})
-    return data
-
-
 def test_single_process_trainer_full_mode():
     from ist_ds.backends.single import SingleProcessTrainer
 
-    data = make_data()
+    data = make_data(48)
     model = build_model("llama", seed=0)
     initial = _snapshot(model)
     cfg = {"target": "full", "full_params": ["self_attn", "mlp"], "train_layers": 1, "update_interval": 2,
@@ -408,7 +399,7 @@ def _train_full(rank, world, cfg, steps, data):
 
 
 def _full_runs(rank, world, stage, tmp):
-    data = make_data()
+    data = make_data(48)
     if stage == 2:
         ist = {"full_params": ["self_attn", "mlp"]}  # residual suppression, nothing outside trains
         modes = [("keep", "host"), ("offload", "host"), ("offload", "disk"), ("drop", "host")]
@@ -530,7 +521,7 @@ def _fsdp_full_runs(rank, world, tmp):
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    data = make_data()
+    data = make_data(48)
     base = {"target": "full", "train_layers": 1, "suppress_layers": 2, "update_interval": 3, "seed": 11,
             "scoring_batch_size": 4, "full_params": ["self_attn", "mlp"], "train_outside": ["lm_head"]}
     out = {}

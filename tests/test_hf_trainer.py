@@ -28,6 +28,7 @@ import os
 import pytest
 import torch
 
+import helpers
 from distributed import run_ranks
 
 # Loaded here once rather than in every forked rank: transformers.Trainer; DeepSpeed's Muon optimizer
@@ -60,9 +61,7 @@ def make_model():
     the ranks' thread pool unusable."""
     global _BASE_MODEL
     if _BASE_MODEL is None:
-        from ist_ds.jobs.models import apply_peft, build_model
-
-        _BASE_MODEL = apply_peft(build_model("llama", seed=0, num_hidden_layers=NUM_LAYERS), "lora", r=4, alpha=8)
+        _BASE_MODEL = helpers.make_model(seed=0, num_layers=NUM_LAYERS)
     return copy.deepcopy(_BASE_MODEL)
 
 
@@ -76,15 +75,6 @@ def fork_ranks(fn, world, *args, **kwargs):
         return run_ranks(fn, world, *args, **kwargs)
     finally:
         gc.unfreeze()
-
-
-def make_data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 256, (SEQ,), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": ids.clone()})
-    return out
 
 
 def ds_config(stage):
@@ -195,8 +185,8 @@ def _run(rank, world, backend, out_dir, resume_from=None, stage=2, steps=STEPS, 
         save_steps=save_at, load_best_model_at_end=True, disable_tqdm=True, seed=0, **kwargs,
     )
     probe = _probe_class()()
-    trainer = ISTTrainer(model=make_model(), args=args, train_dataset=make_data(96, 1),
-                         eval_dataset=make_data(8, 2), callbacks=[probe], ist_config=ist_config)
+    trainer = ISTTrainer(model=make_model(), args=args, train_dataset=helpers.make_data(96, SEQ, seed=1),
+                         eval_dataset=helpers.make_data(8, SEQ, seed=2), callbacks=[probe], ist_config=ist_config)
     probe.trainer = trainer
     trainer.model.register_forward_pre_hook(probe.forward_pre_hook, with_kwargs=True)
     trainer.train(resume_from_checkpoint=resume_from)

@@ -68,7 +68,7 @@ def test_data_fallback_when_the_training_data_is_missing(tmp_path):
     """configs/smollm2_commonsense.yaml reads ../shared/data/commonsense where it exists and the embedded task
     where it does not (a user's fresh clone)."""
     from ist_ds.jobs.recipe import Recipe
-    from ist_ds.jobs.runner import train_data_source
+    from ist_ds.jobs.assembly import train_data_source
 
     missing = Recipe.from_dict({"data": {"train": str(tmp_path / "nope"), "fallback": "embedded"}})
     assert train_data_source(missing) == "embedded"

@@ -53,7 +53,7 @@ from ist_ds.core.errors import ISTCheckpointError, ISTConfigError
 from ist_ds.model.layers import LayerMap, discover_for, set_trainable
 from ist_ds.optim.gate import LAYER_KEY
 from ist_ds.model.param_groups import layer_param_groups
-from ist_ds.backends.single import build_controller
+from ist_ds.runtime.build import build_controller
 
 logger = logging.getLogger(__name__)
 

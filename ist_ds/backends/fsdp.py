@@ -15,7 +15,7 @@ What :func:`setup` does, in order:
    block frozen then would later reduce its gradients in the parameter dtype (bf16 under mixed
    precision) and fail when IST selects it;
 6. builds the optimizer (torch AdamW by default) with one param group per layer, wraps it with the
-   :class:`~ist_ds.optim.gate.OptimizerGate` through :func:`~ist_ds.backends.single.build_controller`,
+   :class:`~ist_ds.optim.gate.OptimizerGate` through :func:`~ist_ds.runtime.build.build_controller`,
    and draws the first selection.
 
 Freezing under FSDP2 is exact: a parameter with ``requires_grad=False`` gets no unsharded gradient,
@@ -51,13 +51,13 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ist_ds.backends.fsdp_checkpoint import SafeLoadPlanner
 from ist_ds.backends.fsdp_run import FSDPIST, FSDPISTView
-from ist_ds.backends.single import build_controller
 from ist_ds.compat import torch as torch_compat
 from ist_ds.core import ISTConfig
 from ist_ds.core.errors import ISTConfigError, ISTModelError
 from ist_ds.model.layers import LayerMap, discover_for
 from ist_ds.model.param_groups import layer_param_groups
-from ist_ds.optim.gate import LAYER_KEY
+from ist_ds.model.param_groups import LAYER_KEY
+from ist_ds.runtime.build import build_controller
 from ist_ds.runtime.checkpoint import IST_STATE_FILE
 from ist_ds.runtime.collectives import LocalCollectives, TorchCollectives
 

@@ -14,33 +14,13 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from ist_ds.runtime.build import build_controller
 from ist_ds.runtime.controller import ISTController
 from ist_ds.core import ISTConfig
 from ist_ds.model.layers import discover_for
-from ist_ds.optim.gate import OptimizerGate
-from ist_ds.optim.state_store import OptimizerStateStore
 from ist_ds.model.param_groups import layer_param_groups
-from ist_ds.runtime.scoring import ImportanceScorer, ScoringStream
 
 logger = logging.getLogger(__name__)
-
-
-def build_controller(model: torch.nn.Module, config: ISTConfig, optimizer: torch.optim.Optimizer, layer_map,
-                     scoring_dataset, collate_fn: Callable | None, device, collectives=None,
-                     forward=None, rank: int = 0) -> ISTController:
-    """Wire the gate, the state store and the scorer around ``optimizer`` (shared by the backends)."""
-    store = OptimizerStateStore(config.optimizer_state, config.offload_target, config.offload_dir, rank=rank)
-    gate = OptimizerGate(optimizer, store)
-    scorer = None
-    if config.strategy == "ist":
-        if scoring_dataset is None:
-            raise ValueError("strategy 'ist' needs scoring data (by default the training data)")
-        stream = ScoringStream(len(scoring_dataset), config.scoring_batch_size, seed=config.seed)
-        kwargs = {"forward": forward} if forward is not None else {}
-        scorer = ImportanceScorer(model, layer_map, scoring_dataset, collate_fn, stream,
-                                  config.suppression_scale, collectives, device,
-                                  config.scoring_micro_batch_size, **kwargs)
-    return ISTController(config, layer_map, gate, scorer, collectives)
 
 
 class SingleProcessTrainer:

@@ -54,7 +54,6 @@ from transformers.utils import is_datasets_available
 
 from ist_ds.backends import zero3_linear
 from ist_ds.backends.deepspeed_support import refuse_unsupported
-from ist_ds.backends.single import build_controller
 from ist_ds.backends.zero_memory import install_zero_memory
 from ist_ds.compat import deepspeed as ds_compat
 from ist_ds.compat import transformers as hf_compat
@@ -65,6 +64,7 @@ from ist_ds.integrations.hf_trainer_checkpoints import IST_STATE_NAME, ISTCheckp
 from ist_ds.integrations.hf_trainer_setup import read_ist_config, regroup_by_layer
 from ist_ds.model.layers import LayerMap, discover_for, set_trainable
 from ist_ds.model.param_groups import LAYER_KEY
+from ist_ds.runtime.build import build_controller
 from ist_ds.runtime.checkpoint import safe_load
 from ist_ds.runtime.collectives import default_collectives
 from ist_ds.runtime.controller import ISTController

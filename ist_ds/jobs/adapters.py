@@ -1,25 +1,77 @@
 """The three ways a job can train: DeepSpeed, FSDP2, or one plain PyTorch process.
 
-Each adapter offers the same small surface to the job loop in :mod:`ist_ds.jobs.runner`: ``model`` (the
-module to run forwards on), ``train_step(micro_batches) -> loss``, ``lr()``, ``ist`` (the
-controller, or None when IST is off), ``save_checkpoint(dir)``/``load_checkpoint(dir)``,
-``adapter_state()`` (the full PEFT weights, on rank 0, for ``save_pretrained``) and ``model_state()``
-(every weight of the model, full size, on rank 0: the output of full-layer IST). Both are collectives
-on sharded backends, so every rank calls them; ranks other than 0 get ``None``.
+Each adapter offers the same small surface to the job loop in :mod:`ist_ds.jobs.runner`, written
+down as the :class:`JobBackend` protocol. :data:`BACKENDS` maps each ``backend.name`` to its adapter
+factory and to the few facts the runner needs before the adapter exists (how ranks join, whether
+it runs one process, whether the model is loaded in bf16); it is the one list of backend names,
+which the recipe's validation reads too. :func:`build_backend` looks a name up and checks the result.
+
+The protocol lives here, beside the adapters and the registry whose factories must return it; the
+runner, its only consumer, imports it from here.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
 import torch
 
 from ist_ds.compat import deepspeed as ds_compat
 from ist_ds.core.errors import ISTConfigError
-from ist_ds.jobs.recipe import Recipe
+
+if TYPE_CHECKING:
+    from ist_ds.jobs.recipe import Recipe
+    from ist_ds.runtime.controller import ISTController
 
 logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class JobBackend(Protocol):
+    """What the job loop needs from a backend, whatever engine runs the model underneath."""
+
+    #: The module to run forwards on (held-out loss, multiple-choice accuracy, sample answers), and
+    #: whose ``config`` / ``peft_config`` the job writes beside the weights. Not a wrapper: plain
+    #: ``model(**batch)`` must work on it.
+    model: torch.nn.Module
+    #: Where evaluation batches go before a forward on :attr:`model`.
+    device: torch.device
+    #: The IST controller (selection, scores, counts, state), or None when IST is off: the loop logs
+    #: the selection of each step and the summary reports the scores and memory from it.
+    ist: ISTController | None
+
+    def train_step(self, micro_batches: list[dict]) -> float:
+        """One optimizer step over this rank's micro-batches (gradient accumulation inside); the mean
+        loss. The job owns the data order so that a resumed run sees the same batches."""
+        ...
+
+    def lr(self) -> float:
+        """The learning rate of the next step, for the log lines and TensorBoard (each engine keeps its
+        schedule in a different place)."""
+        ...
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        """Write a resumable checkpoint ``tag`` under ``directory`` and publish it as the latest.
+        Every rank calls it; the backend's own format (DeepSpeed's, DCP) with IST's state inside."""
+        ...
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Load the latest checkpoint in ``directory``; the optimizer step it was taken at (0 when
+        there is none), from which the job resumes its data stream and loss history."""
+        ...
+
+    def adapter_state(self) -> dict | None:
+        """The full PEFT weights with PEFT's key names, on rank 0 (None elsewhere), for the job's
+        ``adapter/`` output. A collective on sharded backends: every rank calls it."""
+        ...
+
+    def model_state(self) -> dict | None:
+        """Every weight of the model, full size, as host tensors on rank 0 (None elsewhere): the
+        ``model/`` output of full-layer IST. A collective on sharded backends: every rank calls it."""
+        ...
 
 
 def deepspeed_config(recipe: Recipe, world_size: int, total_steps: int, on_cpu: bool) -> dict:
@@ -76,6 +128,8 @@ def deepspeed_config(recipe: Recipe, world_size: int, total_steps: int, on_cpu: 
 
 
 class DeepSpeedRun:
+    """A job on a DeepSpeed engine (ZeRO 0-3) built by :func:`ist_ds.initialize` from the recipe."""
+
     def __init__(self, recipe: Recipe, model, train_dataset, collate, world_size: int, total_steps: int,
                  on_cpu: bool) -> None:
         import ist_ds
@@ -208,6 +262,8 @@ def warmup_decay(total_steps: int, warmup_steps: int):
 
 
 class FSDPRun:
+    """A job on FSDP2: :func:`ist_ds.backends.fsdp.setup` with the recipe's warm-up/decay schedule."""
+
     def __init__(self, recipe: Recipe, model, train_dataset, collate, total_steps: int) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -278,3 +334,66 @@ class FSDPRun:
         if dist.is_initialized() and dist.get_rank() != 0:
             return None
         return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class BackendEntry:
+    """One ``backend.name``: its adapter factory and what the runner must know before calling it."""
+
+    #: ``factory(recipe, model, train_dataset, collate, world_size=, total_steps=, on_cpu=)``.
+    factory: Callable[..., JobBackend]
+    #: Which framework joins the ranks (:func:`ist_ds.jobs.dist_env.init_distributed`).
+    framework: str
+    #: Whether the backend runs exactly one process (a launcher that starts more is an error).
+    single_process: bool = False
+    #: Whether the model is loaded in fp32 even with ``model.dtype: bfloat16`` (FSDP2 keeps fp32
+    #: parameters and computes in bf16 through its MixedPrecisionPolicy).
+    keeps_fp32_params: bool = False
+
+
+def _deepspeed_run(recipe, model, train_dataset, collate, *, world_size, total_steps, on_cpu) -> JobBackend:
+    return DeepSpeedRun(recipe, model, train_dataset, collate, world_size, total_steps, on_cpu)
+
+
+def _fsdp_run(recipe, model, train_dataset, collate, *, world_size, total_steps, on_cpu) -> JobBackend:
+    return FSDPRun(recipe, model, train_dataset, collate, total_steps)
+
+
+def _single_run(recipe, model, train_dataset, collate, *, world_size, total_steps, on_cpu) -> JobBackend:
+    return SingleRun(recipe, model, train_dataset, collate, "cpu" if on_cpu else "cuda", total_steps)
+
+
+#: Every ``backend.name`` a recipe may give, in the order the docs list them.
+BACKENDS: dict[str, BackendEntry] = {
+    "deepspeed": BackendEntry(_deepspeed_run, framework="deepspeed"),
+    "fsdp": BackendEntry(_fsdp_run, framework="torch", keeps_fp32_params=True),
+    "single": BackendEntry(_single_run, framework="torch", single_process=True),
+}
+BACKEND_NAMES: tuple[str, ...] = tuple(BACKENDS)
+
+
+def backend_entry(name: str) -> BackendEntry:
+    """The registry entry of ``name``; :class:`ISTConfigError` naming the known backends otherwise."""
+    try:
+        return BACKENDS[name]
+    except (KeyError, TypeError):
+        raise ISTConfigError(f"backend.name: unknown backend {name!r}; known: {', '.join(BACKEND_NAMES)}") from None
+
+
+def build_backend(recipe: Recipe, model, train_dataset, collate, *, world_size: int, total_steps: int,
+                  on_cpu: bool) -> JobBackend:
+    """The adapter of ``recipe.backend.name``, checked against :class:`JobBackend`."""
+    run = backend_entry(recipe.backend.name).factory(recipe, model, train_dataset, collate, world_size=world_size,
+                                                      total_steps=total_steps, on_cpu=on_cpu)
+    if not isinstance(run, JobBackend):
+        missing = [m for m in _protocol_members(JobBackend) if not hasattr(run, m)]
+        raise TypeError(f"the {recipe.backend.name!r} backend's adapter {type(run).__name__} lacks {', '.join(missing)}")
+    return run
+
+
+def _protocol_members(proto) -> list[str]:
+    """The attribute and method names a protocol declares (not ``object``'s or ``Protocol``'s own)."""
+    names = set(getattr(proto, "__annotations__", {}))
+    names |= {n for n, v in vars(proto).items() if callable(v) and not n.startswith("_")}
+    return sorted(names)

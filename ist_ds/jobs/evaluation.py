@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from ist_ds.jobs.data import InstructionDataset, PadCollator
+from ist_ds.runtime.collectives import Collectives
 from ist_ds.runtime.scoring import eval_mode, token_loss_sum
 
 
@@ -31,7 +32,7 @@ def _even_shard(n: int, rank: int, world: int) -> tuple[list[int], list[float]]:
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, dataset, collate: Callable, batch_size: int, device,
-                  collectives, forward: Callable) -> float:
+                  collectives: Collectives, forward: Callable) -> float:
     """Token-mean loss of ``dataset`` over all ranks."""
     idx, weights = _even_shard(len(dataset), collectives.rank, collectives.world_size)
     sums = torch.zeros(2, dtype=torch.float64)
@@ -62,7 +63,7 @@ def labels_by_task(records: Sequence[dict]) -> dict:
 
 
 @torch.no_grad()
-def choice_accuracy(model: torch.nn.Module, records: Sequence[dict], tokenizer, device, collectives,
+def choice_accuracy(model: torch.nn.Module, records: Sequence[dict], tokenizer, device, collectives: Collectives,
                     forward: Callable, batch_size: int = 8, cutoff_len: int = 256) -> float:
     """Fraction of records whose gold label gets the highest output log-likelihood among the labels."""
     candidates = labels_by_task(records)

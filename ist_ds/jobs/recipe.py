@@ -22,6 +22,7 @@ import yaml
 
 from ist_ds.core import ISTConfig
 from ist_ds.core.errors import ISTConfigError
+from ist_ds.jobs.adapters import BACKEND_NAMES
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class TrainingSection:
 
 @dataclass(frozen=True)
 class BackendSection:
-    name: str = "deepspeed"             # deepspeed | fsdp | single
+    name: str = "deepspeed"             # deepspeed | fsdp | single (ist_ds.jobs.adapters.BACKENDS)
     deepspeed_config: Any = None        # a DeepSpeed JSON path or mapping; missing keys filled from `training`
     zero_stage: int = 2
     offload_optimizer: bool = False     # ZeRO-Offload of the optimizer to the host (DeepSpeedCPUAdam)
@@ -96,7 +97,7 @@ SECTIONS = {"model": ModelSection, "peft": PeftSection, "data": DataSection, "tr
 CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16"),
     ("peft", "method"): ("lora", "dora", "loha", "lokr", "ia3", "none"),
-    ("backend", "name"): ("deepspeed", "fsdp", "single"),
+    ("backend", "name"): BACKEND_NAMES,  # the adapter registry is the one list of backends
     ("backend", "zero_stage"): (0, 1, 2, 3),
 }
 POSITIVE = {("peft", "r"), ("peft", "alpha"), ("data", "cutoff_len"), ("data", "num_train"),

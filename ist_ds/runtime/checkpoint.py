@@ -29,11 +29,15 @@ import logging
 import os
 import random
 import re
+from typing import TYPE_CHECKING
 
 import torch
 
 from ist_ds.compat.deepspeed import checkpoint_safe_globals
 from ist_ds.core.errors import ISTCheckpointError
+
+if TYPE_CHECKING:
+    from ist_ds.runtime.collectives import Collectives
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +194,7 @@ def _local_comm():
     return LocalCollectives()
 
 
-def write_manifest(tag_dir: str, comm=None, hash_engine_files: bool = True) -> dict:
+def write_manifest(tag_dir: str, comm: Collectives | None = None, hash_engine_files: bool = True) -> dict:
     """Hash every file of ``tag_dir`` and write ``manifest.json`` there (rank 0). A collective.
 
     Call it on every rank once every file of the checkpoint is written (after a barrier) and before
@@ -251,7 +255,7 @@ def _verify_file(tag_dir: str, rel: str, entry, verify_engine_files: bool) -> st
     return None
 
 
-def verify_checkpoint(tag_dir: str, comm=None, verify_engine_files: bool = True) -> None:
+def verify_checkpoint(tag_dir: str, comm: Collectives | None = None, verify_engine_files: bool = True) -> None:
     """Check every file of a checkpoint against its manifest, on every rank together. A collective.
 
     Each rank reads the manifest and checks every ``world_size``-th file; the findings are gathered,

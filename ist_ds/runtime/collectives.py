@@ -1,15 +1,20 @@
 """The few collectives IST needs, behind one small interface.
 
 The algorithm only ever (a) sums a small tensor of loss sums and token counts across data-parallel
-ranks and (b) checks that every rank holds the same IST state. :class:`LocalCollectives` is the
-single-process identity; :class:`TorchCollectives` uses ``torch.distributed`` (gloo, NCCL, or
-whatever DeepSpeed / FSDP initialised).
+ranks and (b) checks that every rank holds the same IST state; checkpoints also (c) gather a few
+small objects (file listings, checksums). :class:`Collectives` is that interface as a protocol;
+:class:`LocalCollectives` is the single-process identity; :class:`TorchCollectives` uses
+``torch.distributed`` (gloo, NCCL, or whatever DeepSpeed / FSDP initialised).
+
+The protocol lives here, beside its two implementations, rather than beside one consumer: the
+controller, the scorer, the checkpoint module and the job's evaluation all take a ``Collectives``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -28,6 +33,49 @@ def fingerprint(*parts) -> int:
             h.update(repr(part).encode())
         h.update(b"|")
     return int.from_bytes(h.digest(), "little", signed=True) >> 1
+
+
+@runtime_checkable
+class Collectives(Protocol):
+    """The collectives IST runs over its data-parallel ranks. Every method is a collective: every
+    rank calls it, in the same order, or the job hangs."""
+
+    #: This process's index among the data-parallel ranks: which shard of a scoring or evaluation
+    #: batch it runs, and which files of a checkpoint it hashes.
+    rank: int
+    #: How many data-parallel ranks share the work; part of the setup every rank must agree on.
+    world_size: int
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of ``tensor`` over ranks (a new tensor on ``tensor``'s device).
+
+        Scoring and evaluation losses are sums of token losses and token counts per shard; summing
+        them over ranks gives the loss of the whole global batch, as one process would compute it.
+        """
+        ...
+
+    def check_agreement(self, value: int, describe: str = "") -> None:
+        """Raise :class:`ISTAgreementError` on every rank unless every rank passed the same ``value``.
+
+        The controller hashes its state (step, selection, scores, generator) after every selection:
+        ranks that drifted apart would train different layers and silently corrupt the run.
+        ``describe`` is this rank's state in words, shown for every rank when they differ.
+        """
+        ...
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's picklable ``obj``, in rank order, on every rank.
+
+        Checkpoints use it to share file listings and checksums (and as a barrier), so that every
+        rank reaches the same verdict on a damaged checkpoint.
+        """
+        ...
+
+    def check_same(self, parts: dict, what: str = "IST setup") -> None:
+        """Raise :class:`ISTAgreementError` on every rank unless every rank passed equal ``parts``,
+        naming each key that differs. Run once before IST's first collective, so that a rank with
+        another config, model or world size fails with a clear message instead of a hang."""
+        ...
 
 
 class LocalCollectives:
@@ -129,7 +177,7 @@ def _short(value, reference) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def default_collectives() -> LocalCollectives:
+def default_collectives() -> Collectives:
     """TorchCollectives when a process group with several ranks exists, else LocalCollectives."""
     import torch.distributed as dist
 

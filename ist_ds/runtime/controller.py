@@ -11,17 +11,22 @@ the work that happens between two optimizer steps:
 
 Backends (single process, DeepSpeed, FSDP2) build the pieces and call :meth:`start` once and
 :meth:`after_optimizer_step` after every real optimizer step.
+
+The controller reaches its two collaborators only through protocols: a :class:`Scorer` (defined
+here, its only consumer; :class:`~ist_ds.runtime.scoring.ImportanceScorer` is the implementation)
+and a :class:`~ist_ds.runtime.collectives.Collectives`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
 from ist_ds.compat.deepspeed import zero3_numel
-from ist_ds.runtime.collectives import LocalCollectives, fingerprint
+from ist_ds.runtime.collectives import Collectives, LocalCollectives, fingerprint
 from ist_ds.core import ISTConfig, ImportanceState, sample_uniform_layers
 from ist_ds.core.errors import ISTCheckpointError
 from ist_ds.model.layer_map import LayerMap
@@ -33,16 +38,44 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+@runtime_checkable
+class Scorer(Protocol):
+    """What the controller needs from the importance update's forward passes.
+
+    Every ``update_interval`` steps the controller draws K suppression sets and asks for one loss
+    per set; the rewards and scores follow from those losses alone, so how they are computed (data,
+    sharding over ranks, micro-batches, the model's forward) stays behind this seam.
+    """
+
+    def losses(self, suppression_sets: Sequence[Sequence[int]]) -> list[float]:
+        """The scoring loss with each set's layers suppressed, in order.
+
+        It must return the same list on every rank (the controller's agreement check hashes the
+        scores built from it), and every rank must call it together: under ZeRO-3 and FSDP2 the
+        forwards inside are collectives.
+        """
+        ...
+
+    def state_dict(self) -> dict:
+        """Where the scorer is in its data (the scoring stream's epoch and position), saved in the
+        IST state so that a resumed run scores the same batches the uninterrupted run would have."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` written by an earlier run."""
+        ...
+
+
 class ISTController:
     """Selection, importance updates and agreement for one training run."""
 
     def __init__(self, config: ISTConfig, layer_map: LayerMap, gate: OptimizerGate | None = None,
-                 scorer=None, collectives=None) -> None:
+                 scorer: Scorer | None = None, collectives: Collectives | None = None) -> None:
         self.config = config
         self.layer_map = layer_map
         self.gate = gate
         self.scorer = scorer
-        self.comm = collectives or LocalCollectives()
+        self.comm: Collectives = collectives or LocalCollectives()
         self.num_layers = layer_map.num_layers
         self.importance = ImportanceState(self.num_layers, config)
         self.generator = torch.Generator().manual_seed(config.seed)

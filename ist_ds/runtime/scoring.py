@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from ist_ds.runtime.collectives import LocalCollectives
 from ist_ds.model.layer_map import LayerMap
+from ist_ds.runtime.collectives import Collectives, LocalCollectives
 from ist_ds.model.suppression import suppress
 
 IGNORE_INDEX = -100
@@ -121,10 +121,11 @@ def default_forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 class ImportanceScorer:
-    """Computes the K suppressed scoring losses that drive the importance update."""
+    """Computes the K suppressed scoring losses that drive the importance update (the controller's
+    :class:`~ist_ds.runtime.controller.Scorer`)."""
 
     def __init__(self, model: torch.nn.Module, layer_map: LayerMap, dataset, collate_fn: Callable | None,
-                 stream: ScoringStream, suppression_scale: float, collectives=None,
+                 stream: ScoringStream, suppression_scale: float, collectives: Collectives | None = None,
                  device: torch.device | str = "cpu", micro_batch_size: int | None = None,
                  forward: Callable[[torch.nn.Module, dict], torch.Tensor] = default_forward) -> None:
         self.model = model
