@@ -191,9 +191,10 @@ def _compare_rank(rank, world, args, model_dir, runs):
         nonlocal comm
         comm = comm or default_collectives()
         out = {}
-        for task, recs in by_task.items():
+        for task, recs in by_task.items():  # the loss on every evaluated record, the accuracy on the first ones
             out[task] = {"loss": evaluate_loss(model, eval_sets[task], eval_collate, 4, "cpu", comm, default_forward),
-                         "accuracy": choice_accuracy(model, recs, tokenizer, "cpu", comm, default_forward)}
+                         "accuracy": choice_accuracy(model, recs[:args.accuracy_per_task], tokenizer, "cpu", comm,
+                                                     default_forward)}
         return out
 
     results = []
@@ -229,6 +230,9 @@ def _compare_rank(rank, world, args, model_dir, runs):
             rec["score_steps"] = total
         results.append(rec)
         engine.destroy()
+        if rank == 0 and args.json:  # what is done survives an interrupted run
+            with open(args.json + ".partial", "w") as f:
+                json.dump(results, f, indent=1)
     return results
 
 
@@ -270,6 +274,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default="ist-keep,ist-drop,rst,uniform")
     ap.add_argument("--eval-per-task", type=int, default=25, help="test records per task for loss and accuracy (100: about +20 min)")
+    ap.add_argument("--accuracy-per-task", type=int, default=None,
+                    help="of those, the records the multiple-choice accuracy is measured on (default: all; "
+                         "about 1 s per record on 2 idle cores)")
+    ap.add_argument("--compare-seeds", type=int, default=None,
+                    help="seeds of the methods other than IST-keep (default: --seeds)")
+    ap.add_argument("--from-partial", help="print parts 2 and 3 from the runs saved in JSON.partial by an interrupted job")
     ap.add_argument("--timing-steps", type=int, default=10, help="measured steps per engine in part 1 (after 1 warm-up)")
     ap.add_argument("--num-train", type=int, default=2000, help="training records drawn from the task mix")
     ap.add_argument("--batch", type=int, default=8, help="global batch")
@@ -279,6 +289,8 @@ def main(argv=None) -> int:
     ap.add_argument("--truncate-layers", type=int, default=0, help="keep only the first N blocks (smoke tests)")
     ap.add_argument("--json", default=None, help="also write the raw results here")
     args = ap.parse_args(argv)
+    args.accuracy_per_task = args.accuracy_per_task or args.eval_per_task
+    args.compare_seeds = args.seeds if args.compare_seeds is None else args.compare_seeds
     parts = set(args.parts.split(","))
     methods = args.methods.split(",")
     if "scores" in parts and "ist-keep" not in methods:
@@ -292,7 +304,7 @@ def main(argv=None) -> int:
           f"{','.join(TARGETS)}, global batch {args.batch}, lr {args.lr} constant, IST {args.train_layers} layers per "
           f"step, T={args.update_interval}, ZeRO-2 fp32, gloo, 1 thread per rank")
     print(f"# data {os.path.abspath(args.data)}: {args.num_train} training records from the mix, "
-          f"{args.eval_per_task} test records per task; load average before "
+          f"{args.eval_per_task} test records per task (accuracy on {args.accuracy_per_task}); load average before "
           f"{'/'.join(f'{x:.1f}' for x in load_before)} on {os.cpu_count()} cores\n")
     out: dict = {"args": vars(args)}
 
@@ -311,8 +323,13 @@ def main(argv=None) -> int:
 
     if parts & {"scores", "compare"}:
         runs = [(m, s) for s in range(args.seeds) for m in methods
-                if "compare" in parts or m == "ist-keep"]
-        results = common.run_ranks(_compare_rank, 2, args, model_dir, runs, timeout=4 * 3600)[0]
+                if m == "ist-keep" or ("compare" in parts and s < args.compare_seeds)]
+        runs.sort(key=lambda r: (r[1] >= 2, r[0] != "ist-keep"))  # two whole seeds first, then the scores' third
+        if args.from_partial:  # tables from the runs an interrupted job finished
+            with open(args.from_partial) as f:
+                results = json.load(f)
+        else:
+            results = common.run_ranks(_compare_rank, 2, args, model_dir, runs, timeout=4 * 3600)[0]
         out["runs"] = results
         tasks = list(results[0]["eval"])
         if "scores" in parts:
@@ -333,7 +350,7 @@ def main(argv=None) -> int:
                   f"between unrelated orderings.)\n")
         if "compare" in parts:
             print(f"## IST vs RST vs uniform at {args.compare_steps} steps: held-out loss on the answer tokens and "
-                  f"multiple-choice accuracy ({args.eval_per_task} test records per task), mean ± sd over seeds\n")
+                  f"multiple-choice accuracy ({args.eval_per_task} test records per task for the loss, {args.accuracy_per_task} for the accuracy), mean ± sd over seeds\n")
             rows = []
             for method in ["pretrained", *methods]:
                 rs = [r for r in results if r["method"] == method]
@@ -383,7 +400,7 @@ def _eval_records(args) -> dict:
     by_task: dict[str, list] = {}
     for rec in task.test:
         name = rec.get("task", task.name)
-        if len(by_task.setdefault(name, [])) < args.eval_per_task:
+        if len(by_task.setdefault(name, [])) < args.accuracy_per_task:
             by_task[name].append(rec)
     return by_task
 
