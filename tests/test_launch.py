@@ -246,17 +246,22 @@ def test_stuck_join_is_reported_with_the_stale_build_lock(tmp_path):
 
 def test_mpi4py_agrees_on_master_under_mpirun(tmp_path):
     """mpirun without MASTER_ADDR/PORT: the ranks agree via mpi4py; one host means 127.0.0.1."""
-    probe = ("import json, sys, types; pkg = types.ModuleType('ist_ds'); pkg.__path__ = ['ist_ds']; "
-             "sys.modules['ist_ds'] = pkg; from ist_ds.jobs.dist_env import discover; e = discover(); "
-             "print('PROBE', json.dumps({k: e[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', "
-             "'MASTER_PORT')}))")
+    # ist_ds and ist_ds.core as bare namespaces: the launcher code without torch (fast under load). Each
+    # rank writes its own file: mpirun's forwarded stdout can interleave the two ranks' lines.
+    probe = ("import json, os, sys, types\n"
+             "for name in ('ist_ds', 'ist_ds.core'):\n"
+             "    pkg = types.ModuleType(name); pkg.__path__ = [name.replace('.', '/')]; sys.modules[name] = pkg\n"
+             "from ist_ds.jobs.dist_env import discover\n"
+             "e = discover()\n"
+             "keys = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')\n"
+             f"with open(os.path.join({str(tmp_path)!r}, 'probe' + e['RANK'] + '.json'), 'w') as f:\n"
+             "    json.dump({k: e[k] for k in keys}, f)\n")
     cmd = ["mpirun", "-n", "2", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "--mca", "btl",
            "self,vader", "--mca", "oob_tcp_if_include", "lo", PYTHON, "-c", probe]
     proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    seen = sorted((json.loads(line.split("PROBE ", 1)[1]) for line in proc.stdout.splitlines() if "PROBE " in line),
-                  key=lambda e: e["RANK"])
-    assert [e["RANK"] for e in seen] == ["0", "1"] and all(e["WORLD_SIZE"] == "2" for e in seen)
+    seen = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("probe*.json"))]
+    assert [e["RANK"] for e in seen] == ["0", "1"] and all(e["WORLD_SIZE"] == "2" for e in seen), proc.stdout + proc.stderr
     assert {e["MASTER_ADDR"] for e in seen} == {"127.0.0.1"}
     assert len({e["MASTER_PORT"] for e in seen}) == 1  # rank 0's free port, broadcast
 
