@@ -43,3 +43,56 @@ def global_batch(data: list[dict], step: int, world: int, micro: int = MICRO) ->
     rows ``r * micro`` to ``(r + 1) * micro``): a window sliding through ``data``."""
     start = (step * micro * world) % (len(data) - micro * world)
     return data[start:start + micro * world]
+
+
+def same_tensors(a, b) -> bool:
+    """Two lists of tensors, equal to the bit."""
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def same_states(a, b) -> bool:
+    """Two lists of optimizer-state dicts, equal to the bit (tensors) and by value (the rest)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x.keys() != y.keys():
+            return False
+        for k in x:
+            if torch.is_tensor(x[k]) != torch.is_tensor(y[k]):
+                return False
+            if torch.is_tensor(x[k]) and not torch.equal(x[k], y[k]):
+                return False
+            if not torch.is_tensor(x[k]) and x[k] != y[k]:
+                return False
+    return True
+
+
+def check_step(step: int, mode: str, num_layers: int, selected, now_selected, before_p: dict, after_p: dict,
+               before_s: dict, after_s: dict, before_m: dict | None = None, after_m: dict | None = None) -> None:
+    """The IST invariants of one optimizer step, per layer (dicts keyed by layer index: the layer's full
+    parameters, its optimizer states and, on ZeRO, its fp32 masters):
+
+    - a selected layer's parameters changed; an unselected one's are bit-identical, and so is its master;
+    - ``keep``: an unselected layer's optimizer state is bit-identical;
+    - ``offload``/``drop``: a layer not selected for the next step holds no state;
+    - ``drop``: a layer whose state was dropped restarts its optimizer at step 1.
+    """
+    for layer in range(num_layers):
+        if layer in selected:
+            assert not same_tensors(before_p[layer], after_p[layer]), f"step {step}: selected layer {layer} did not change"
+            continue
+        assert same_tensors(before_p[layer], after_p[layer]), f"step {step}: unselected layer {layer} changed"
+        if before_m and after_m and before_m.get(layer) and after_m.get(layer):
+            assert same_tensors(before_m[layer], after_m[layer]), f"step {step}: master of layer {layer} changed"
+        if mode == "keep":
+            assert same_states(before_s[layer], after_s[layer]), \
+                f"step {step}: state of layer {layer} changed: {before_s[layer]} -> {after_s[layer]}; selected {selected}"
+    if mode in ("offload", "drop"):
+        for layer in range(num_layers):
+            if layer not in now_selected:
+                assert after_s[layer] == [], f"step {step}: unselected layer {layer} still holds state"
+    if mode == "drop":
+        for layer in selected:
+            if before_s[layer] == [] and after_s[layer]:
+                assert all(float(s["step"]) == 1 for s in after_s[layer] if "step" in s), \
+                    f"step {step}: dropped layer {layer} did not restart at step 1"

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from helpers import MICRO, global_batch, make_data, make_model
+from helpers import MICRO, check_step, global_batch, make_data, make_model, same_tensors
 
 NUM_LAYERS = 8  # make_model's default
 
@@ -88,22 +88,6 @@ def _states(engine):
     return out
 
 
-def _same(a, b):
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
-
-
-def _same_state(a, b):
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if x.keys() != y.keys():
-            return False
-        for k in x:
-            if torch.is_tensor(x[k]) and not torch.equal(x[k], y[k]):
-                return False
-            if not torch.is_tensor(x[k]) and x[k] != y[k]:
-                return False
-    return True
 
 
 def _train(rank, world, cfg, steps, data, check=True, grad_acc=1, checkpointing=False):
@@ -143,24 +127,8 @@ def _train(rank, world, cfg, steps, data, check=True, grad_acc=1, checkpointing=
         assert ist.step == step + 1
         after_p, after_m, after_s = _full_params(engine, stage), _masters(engine), _states(engine)
         if check:
-            for layer in range(NUM_LAYERS):
-                if layer in selected:
-                    assert not _same(before_p[layer], after_p[layer]), f"step {step}: selected layer {layer} did not change"
-                    continue
-                assert _same(before_p[layer], after_p[layer]), f"step {step}: unselected layer {layer} changed"
-                if before_m.get(layer) and after_m.get(layer):
-                    assert _same(before_m[layer], after_m[layer]), f"step {step}: master of layer {layer} changed"
-                if mode == "keep":
-                    assert _same_state(before_s[layer], after_s[layer]), f"step {step}: state of layer {layer} changed: {before_s[layer]} -> {after_s[layer]}; selected {selected}"
-            if mode in ("offload", "drop"):
-                for layer in range(NUM_LAYERS):
-                    if layer not in ist.selected_layers:
-                        assert after_s[layer] == [], f"step {step}: unselected layer {layer} still holds state"
-            if mode == "drop":
-                for layer in selected:
-                    if before_s[layer] == [] and after_s[layer]:
-                        assert all(float(s["step"]) == 1 for s in after_s[layer] if "step" in s), \
-                            f"step {step}: dropped layer {layer} did not restart at step 1"
+            check_step(step, mode, NUM_LAYERS, selected, ist.selected_layers, before_p, after_p, before_s, after_s,
+                       before_m, after_m)
         gathered = [None] * world
         dist.all_gather_object(gathered, (selected, ist.scores.tolist()))
         assert all(g == gathered[0] for g in gathered), f"ranks disagree at step {step}: {gathered}"
@@ -193,9 +161,9 @@ def _assert_runs(results):
         other = r0[key]
         assert [h[0] for h in other["history"]] == [h[0] for h in keep["history"]]
         for a, b in zip(keep["final"], other["final"]):
-            assert _same(a, b), f"{key} differs from keep"
+            assert same_tensors(a, b), f"{key} differs from keep"
     # drop restarts Adam for re-selected layers: same selections, different values.
-    assert any(not _same(a, b) for a, b in zip(keep["final"], r0["drop-host"]["final"]))
+    assert any(not same_tensors(a, b) for a, b in zip(keep["final"], r0["drop-host"]["final"]))
     # scores moved (an importance update ran at steps 3 and 6)
     assert not torch.equal(keep["history"][-1][1], torch.zeros(NUM_LAYERS))
 
@@ -257,7 +225,7 @@ def _client_optimizer_bf16_acc_ckpt(rank, world):
         engine.step()
         after = _full_params(engine, 3)
         for layer in range(NUM_LAYERS):
-            assert _same(before[layer], after[layer]) == (layer not in selected)
+            assert same_tensors(before[layer], after[layer]) == (layer not in selected)
     engine.destroy()
     return out
 

@@ -28,7 +28,7 @@ import ist_ds.backends.fsdp  # noqa: F401
 import torch.distributed.checkpoint  # noqa: F401
 import torch.distributed.fsdp  # noqa: F401
 from distributed import run_ranks
-from helpers import MICRO, global_batch, make_data, make_model
+from helpers import MICRO, check_step, global_batch, make_data, make_model, same_states, same_tensors
 
 NUM_LAYERS = 8  # make_model's default
 TRAIN_LAYERS = 2
@@ -102,13 +102,6 @@ def _states(run):
     return out
 
 
-def _same(a, b):
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
-
-
-def _same_state(a, b):
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-                                    for x, y in zip(a, b))
 
 
 def _batch(data, step, rank, world):
@@ -141,22 +134,7 @@ def _train(run, data, rank, world, steps, start=0, check=True, mode="keep"):
         assert ist.step == step + 1
         if check:
             after_p, after_s = _full_params(run), _states(run)
-            for layer in range(NUM_LAYERS):
-                if layer in selected:
-                    assert not _same(before_p[layer], after_p[layer]), f"step {step}: selected layer {layer} did not change"
-                    continue
-                assert _same(before_p[layer], after_p[layer]), f"step {step}: unselected layer {layer} changed"
-                if mode == "keep":
-                    assert _same_state(before_s[layer], after_s[layer]), f"step {step}: state of layer {layer} changed"
-            if mode in ("offload", "drop"):
-                for layer in range(NUM_LAYERS):
-                    if layer not in ist.selected_layers:
-                        assert after_s[layer] == [], f"step {step}: unselected layer {layer} still holds state"
-            if mode == "drop":
-                for layer in selected:
-                    if before_s[layer] == [] and after_s[layer]:
-                        assert all(float(s["step"]) == 1 for s in after_s[layer]), \
-                            f"step {step}: dropped layer {layer} did not restart at step 1"
+            check_step(step, mode, NUM_LAYERS, selected, ist.selected_layers, before_p, after_p, before_s, after_s)
         gathered = [None] * world
         dist.all_gather_object(gathered, (selected, ist.scores.tolist()))
         assert all(g == gathered[0] for g in gathered), f"ranks disagree at step {step}: {gathered}"
@@ -183,7 +161,7 @@ def _modes(rank, world, tmp):
 
         probe = PeakStateProbe(run.optimizer)  # state bytes right after each (gated) optimizer step
         if mode == "keep":  # the one-collective gather equals DTensor.full_tensor()
-            assert all(_same(a, b) for a, b in zip(_full_params(run), _full_params(run, reference=True)))
+            assert all(same_tensors(a, b) for a, b in zip(_full_params(run), _full_params(run, reference=True)))
         history = _train(run, data, rank, world, 7, mode=mode)
         out[f"{mode}-{target}"] = {
             "history": history, "final": _full_params(run), "report": run.memory_report(),
@@ -213,11 +191,11 @@ def test_freezing_and_optimizer_state_modes(mode_runs):
         other = r0[key]
         assert [h[0] for h in other["history"]] == [h[0] for h in keep["history"]]
         for a, b in zip(keep["final"], other["final"]):
-            assert _same(a, b), f"{key} differs from keep"
+            assert same_tensors(a, b), f"{key} differs from keep"
         assert [h[2] for h in other["history"]] == [h[2] for h in keep["history"]]
     # drop restarts Adam for re-selected layers: same selections, different values.
     assert [h[0] for h in r0["drop-host"]["history"]] == [h[0] for h in keep["history"]]
-    assert any(not _same(a, b) for a, b in zip(keep["final"], r0["drop-host"]["final"]))
+    assert any(not same_tensors(a, b) for a, b in zip(keep["final"], r0["drop-host"]["final"]))
     # scores moved: importance updates ran after steps 3 and 6
     assert not torch.equal(keep["history"][-1][1], torch.zeros(NUM_LAYERS))
     assert not torch.equal(keep["history"][4][1], keep["history"][5][1])
@@ -388,9 +366,9 @@ def test_dcp_checkpoint_resumes_bit_identically(tmp_path):
             assert r["loaded"]["counts"] == r["at_save"]["counts"]
             assert torch.equal(r["loaded"]["scores"], r["at_save"]["scores"])
             for x, y in zip(r["loaded"]["final"], r["at_save"]["final"]):
-                assert _same(x, y), f"{mode}: parameters differ right after loading"
+                assert same_tensors(x, y), f"{mode}: parameters differ right after loading"
             for layer in range(NUM_LAYERS):  # the optimizer holds exactly what it held at the save
-                assert _same_state(r["loaded"]["states"][layer], r["at_save"]["states"][layer]), f"{mode} layer {layer}"
+                assert same_states(r["loaded"]["states"][layer], r["at_save"]["states"][layer]), f"{mode} layer {layer}"
             assert r["loaded"]["report"]["optimizer_state_bytes"] == r["at_save"]["report"]["optimizer_state_bytes"]
             # continuing from the checkpoint equals continuing without it, bit for bit
             assert [h[0] for h in r["resumed"]] == [h[0] for h in r["straight"]]
@@ -398,9 +376,9 @@ def test_dcp_checkpoint_resumes_bit_identically(tmp_path):
             assert torch.equal(r["a"]["scores"], r["b"]["scores"])
             assert r["a"]["counts"] == r["b"]["counts"]
             for x, y in zip(r["a"]["final"], r["b"]["final"]):
-                assert _same(x, y), f"{mode}: resumed run differs"
+                assert same_tensors(x, y), f"{mode}: resumed run differs"
             for layer in range(NUM_LAYERS):
-                assert _same_state(r["a"]["states"][layer], r["b"]["states"][layer]), f"{mode} layer {layer} state"
+                assert same_states(r["a"]["states"][layer], r["b"]["states"][layer]), f"{mode} layer {layer} state"
         assert "not plain data" in res["unsafe"], res["unsafe"]
         assert "__1_0.distcp is corrupted" in res["damaged"], res["damaged"]
         assert {"manifest.json", "rng_rank0.pt", "rng_rank1.pt", "ist_state.pt"} <= set(res["files"])
@@ -479,7 +457,7 @@ def _bf16_ckpt(rank, world):
     plain.model(**_batch(data, 0, rank, world)).loss.backward()
     plain.step()
     after = _full_params(plain)
-    out["plain"] = {"changed": [not _same(a, b) for a, b in zip(before, after)], "ist": plain.ist}
+    out["plain"] = {"changed": [not same_tensors(a, b) for a, b in zip(before, after)], "ist": plain.ist}
     return out
 
 
