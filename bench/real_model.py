@@ -382,9 +382,10 @@ def main(argv=None) -> int:
                   + ", ".join(f"{t} {majority[t]:.2f}" for t in tasks) + "\n")
     wall = time.perf_counter() - start
     print(f"# wall {wall / 60:.1f} min; load average after {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print("# At this scale (one 135M model, tens of steps, a few hundred test records per task) the step-time "
+    print("# At this scale (one 135M model, tens of steps, tens of test records per task) the step-time "
           "ratios and the loss differences larger than the seed spread are measurements; accuracy differences "
-          "of a few points are within the sampling noise of 100 records (sd about 5 points), and nothing here "
+          f"below about {100 * (0.25 / args.accuracy_per_task) ** 0.5:.0f} points are within the sampling noise of "
+          f"{args.accuracy_per_task} records per task (one sd at 50% accuracy), and nothing here "
           "says how IST compares at the paper's scale (7B, 3 epochs of commonsense_170k).")
     if args.json:
         with open(args.json, "w") as f:
