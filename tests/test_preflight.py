@@ -99,6 +99,7 @@ def test_check_validates_a_recipe_without_loading_weights(tmp_path, capsys):
     assert "6 transformer blocks" in out and "IST trains 2 of 6" in out, out
     assert "micro 4 x 2 rank(s) x 2 accumulation step(s); 4 steps per epoch" in out, out
     assert "DeepSpeed config: ZeRO stage 2" in out and err == ""
+    assert "tokenizer: byte (259 tokens)" in out, out  # the directory has no tokenizer of its own
 
     # The same through `launch/train.py --check`: nothing trains, nothing is written.
     rc, out, err = _cli(capsys, "train", "--config", recipe, "--check", "--world-size", "4")
@@ -115,6 +116,11 @@ def test_check_validates_a_recipe_without_loading_weights(tmp_path, capsys):
         rc, out, err = _cli(capsys, "check", recipe, *extra)
         errors = [line for line in err.splitlines() if line.startswith("ist-ds: error: ")]
         assert rc == 2 and len(errors) == 1 and needle in errors[0], (extra, err)
+
+    # A model directory with its own tokenizer: the job uses that one, and the check says so.
+    (tmp_path / "model" / "tokenizer_config.json").write_text("{}")
+    rc, out, err = _cli(capsys, "check", recipe)
+    assert rc == 0 and f"tokenizer: the model's own ({tmp_path / 'model'})" in out, out
 
 
 def _job(rank, world, recipe, **kwargs):

@@ -168,8 +168,26 @@ def _check_tokenizer(recipe: Recipe, report: CheckReport) -> Any:
     except Exception as e:  # noqa: BLE001 - every failure to load is a finding of the check
         report.error("data.tokenizer", e)
         return None
-    report.facts.append(f"tokenizer: {name or 'byte'} ({len(tokenizer)} tokens)")
+    source = name if name is not None else _default_tokenizer(recipe)
+    if name is None and source != "byte":  # the model's own: loaded by the job, not checked here
+        report.facts.append(f"tokenizer: {source}")
+    else:
+        report.facts.append(f"tokenizer: {source} ({len(tokenizer)} tokens)")
     return tokenizer
+
+
+def _default_tokenizer(recipe: Recipe) -> str:
+    """What a job uses without ``data.tokenizer``: a pretrained model's own tokenizer, else the byte one
+    (as :func:`ist_ds.jobs.assembly.tokenizer_source` decides once the model is at hand)."""
+    m = recipe.model
+    if m.gguf_file:
+        return "the GGUF file's own (converted with the model)"
+    if m.path and os.path.isdir(m.path):
+        from ist_ds.jobs.pretrained import has_tokenizer
+
+        if has_tokenizer(m.path):
+            return f"the model's own ({m.path})"
+    return "byte"
 
 
 def _check_data(recipe: Recipe, report: CheckReport) -> int | None:
