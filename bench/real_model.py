@@ -125,15 +125,9 @@ def timed_step(engine, batch):
     """(forward, backward, optimizer, importance update) seconds of one step."""
     ctrl = getattr(getattr(engine, "ist", None), "controller", None)
     before = ctrl.importance.num_updates if ctrl is not None else 0
-    t0 = time.perf_counter()
-    loss = engine(**batch).loss
-    t1 = time.perf_counter()
-    engine.backward(loss)
-    t2 = time.perf_counter()
-    engine.step()
-    t3 = time.perf_counter()
+    forward, backward, step = common.step_phases(engine, batch)
     update = ctrl.last_update_seconds if ctrl is not None and ctrl.importance.num_updates != before else 0.0
-    return t1 - t0, t2 - t1, t3 - t2 - update, update
+    return forward, backward, step - update, update
 
 
 # ------------------------------------------------------------------------------------------ part 1

@@ -78,14 +78,8 @@ def _build(kind, stage, micro, data):
 
 
 def _one_step(engine, batch):
-    t0 = time.perf_counter()
-    loss = engine(**batch).loss
-    t1 = time.perf_counter()
-    engine.backward(loss)
-    t2 = time.perf_counter()
-    engine.step()
-    t3 = time.perf_counter()
-    return t3 - t0, t1 - t0, t2 - t1, t3 - t2
+    forward, backward, step = common.step_phases(engine, batch)
+    return forward + backward + step, forward, backward, step
 
 
 def _speed_rank(rank, world, steps, warmup, kinds, profile_steps, scoring_reps):

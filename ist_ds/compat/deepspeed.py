@@ -55,6 +55,8 @@ import contextlib
 import inspect
 from typing import Callable, Iterator
 
+from ist_ds.compat.signatures import method_problems
+
 CHECKED_VERSION = "0.19.8"
 
 ZERO12_ATTRS = ("single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups", "params_in_partition",
@@ -145,15 +147,7 @@ def _unwrap(fn):
 
 
 def _problems(cls, attrs, methods, sources, obj=None) -> list[str]:
-    out = []
-    for name, params in methods.items():
-        fn = getattr(cls, name, None)
-        if not callable(fn):
-            out.append(f"{cls.__name__}.{name} is missing")
-            continue
-        got = tuple(p for p in inspect.signature(_unwrap(fn)).parameters if p != "self")
-        if tuple(got[:len(params)]) != params:
-            out.append(f"{cls.__name__}.{name}{tuple(got)} no longer takes {params}")
+    out = method_problems(cls, methods, _unwrap)
     if obj is not None:
         out += [f"{cls.__name__} instance has no attribute {a!r}" for a in attrs if not hasattr(obj, a)]
     for method, lines in sources:

@@ -31,6 +31,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+from ist_ds.compat.signatures import method_problems
+
 CHECKED_VERSIONS = {"transformers": "5.24.0", "accelerate": "1.15.0"}
 
 #: Trainer's private methods used here, with the parameters they take (after ``self``).
@@ -61,15 +63,7 @@ def trainer_internal_problems(trainer_cls=None) -> list[str]:
     import transformers.trainer
 
     cls = trainer_cls if trainer_cls is not None else transformers.Trainer
-    out = []
-    for name, params in TRAINER_METHODS.items():
-        fn = getattr(cls, name, None)
-        if not callable(fn):
-            out.append(f"{cls.__name__}.{name} is missing")
-            continue
-        got = tuple(p for p in inspect.signature(fn).parameters if p != "self")
-        if got[:len(params)] != params:
-            out.append(f"{cls.__name__}.{name}{got} no longer takes {params}")
+    out = method_problems(cls, TRAINER_METHODS)
     try:
         source = inspect.getsource(transformers.trainer)
     except (OSError, TypeError):
